@@ -1,0 +1,40 @@
+"""Reusable dependencies as ``Annotated`` aliases; the objects live on ``app.state`` (see lifespan)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Request
+
+from app.inference import ModelRegistry
+from core.config import Settings
+from core.jobs import JobStore
+from models_store.checkpoint import CheckpointStore
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_jobs(request: Request) -> JobStore:
+    return request.app.state.jobs
+
+
+def get_checkpoints(request: Request) -> CheckpointStore:
+    return request.app.state.checkpoints
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+def get_celery(request: Request) -> Celery:
+    return request.app.state.celery
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+JobStoreDep = Annotated[JobStore, Depends(get_jobs)]
+CheckpointsDep = Annotated[CheckpointStore, Depends(get_checkpoints)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+CeleryDep = Annotated[Celery, Depends(get_celery)]

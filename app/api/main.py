@@ -1,0 +1,25 @@
+"""All routers: probes open, everything else behind the API key."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.api.routes import health, jobs, models, predict
+from app.security import require_api_key
+
+api_router = APIRouter()
+api_router.include_router(health.router)
+
+protected = APIRouter(dependencies=[Depends(require_api_key)])
+protected.include_router(jobs.router)
+protected.include_router(models.router)
+protected.include_router(predict.router)
+
+
+@protected.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
+def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+api_router.include_router(protected)

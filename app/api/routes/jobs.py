@@ -1,0 +1,106 @@
+"""/jobs: submit, list, read and cancel training jobs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Header, HTTPException, Path, Query, Response, status
+
+from app.api.deps import CeleryDep, JobStoreDep
+from app.schemas import JOB_CREATE_EXAMPLES, JobCreate, JobPublic, JobsPublic
+from core.hyperparams import TaskName
+from core.jobs import IdempotencyConflict, JobStatus, request_hash
+from core.queue import enqueue_training
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="Job id (32 hex digits).")]
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    summary="Submit a training job",
+    responses={
+        202: {"description": "Queued (or, with a repeated Idempotency-Key, the job already created)."},
+        409: {"description": "Idempotency-Key reused with a different body."},
+        422: {"description": "Unknown task, unknown field, or a value out of bounds (the field is named)."},
+        503: {"description": "Redis (the queue) is unreachable; nothing was enqueued."},
+    },
+)
+def create_job(
+    job: Annotated[JobCreate, Body(openapi_examples=JOB_CREATE_EXAMPLES)],
+    jobs: JobStoreDep,
+    celery: CeleryDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            max_length=255,
+            description="Optional: repeating a request with the same key and body returns the same job.",
+        ),
+    ] = None,
+) -> JobPublic:
+    """Validate and enqueue a job; a worker picks it up. Poll `GET /jobs/{id}` for progress."""
+    payload = job.model_dump(mode="json")
+    try:
+        record, created = jobs.create(job.task, payload["hyperparameters"], idempotency_key, request_hash(payload))
+    except IdempotencyConflict as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    if created:
+        try:
+            enqueue_training(celery, record.id)
+        except Exception:
+            jobs.delete(record.id, idempotency_key)
+            raise
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/jobs/{record.id}"
+    return JobPublic.model_validate(record.model_dump())
+
+
+@router.get("", response_model=JobsPublic, summary="List jobs, newest first")
+def list_jobs(
+    jobs: JobStoreDep,
+    offset: Annotated[int, Query(ge=0, le=1_000_000, description="Jobs to skip.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=200, description="Page size.")] = 20,
+    status_filter: Annotated[JobStatus | None, Query(alias="status", description="Only this status.")] = None,
+    task: Annotated[TaskName | None, Query(description="Only this task.")] = None,
+) -> JobsPublic:
+    records, total = jobs.list(offset, limit, status_filter, task)
+    return JobsPublic(data=[JobPublic.model_validate(r.model_dump()) for r in records], count=total)
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobPublic,
+    summary="Read a job: status, progress, metrics",
+    responses={404: {"description": "No such job."}},
+)
+def get_job(job_id: JobId, jobs: JobStoreDep) -> JobPublic:
+    record = jobs.get(job_id)
+    if record is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id {job_id}")
+    return JobPublic.model_validate(record.model_dump())
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    summary="Cancel a job",
+    responses={404: {"description": "No such job."}, 409: {"description": "The job already ended."}},
+)
+def cancel_job(job_id: JobId, jobs: JobStoreDep) -> JobPublic:
+    """A queued job is cancelled at once and never starts; a running one stops at its next
+    batch boundary and ends `cancelled` (`cancel_requested` is true meanwhile)."""
+    outcome = jobs.request_cancel(job_id)
+    if outcome == "missing":
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id {job_id}")
+    if outcome.startswith("ended:"):
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already ended: {outcome[6:]}")
+    return JobPublic.model_validate(jobs.get(job_id).model_dump())

@@ -1,0 +1,76 @@
+"""/predict: classify an uploaded image with a trained checkpoint."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, UploadFile, status
+
+from app.api.deps import RegistryDep, SettingsDep
+from app.images import InvertChoice, open_upload
+from app.inference import predict
+from app.metrics import PREDICTION_SECONDS
+from app.schemas import ClassProbability, PredictionPublic
+from core.hyperparams import TaskName
+from models_store.checkpoint import MODEL_ID_PATTERN
+
+router = APIRouter(tags=["predict"])
+
+
+@router.post(
+    "/predict",
+    response_model=PredictionPublic,
+    summary="Classify an uploaded image",
+    responses={
+        400: {"description": "Empty file."},
+        404: {"description": "Unknown model_id, or no trained model of the task yet."},
+        409: {"description": "The checkpoint failed verification (tampered or truncated)."},
+        413: {"description": "File over MAX_UPLOAD_BYTES or image over MAX_IMAGE_PIXELS."},
+        415: {"description": "Not an image Pillow can read."},
+        422: {"description": "Corrupt image, bad model_id, top_k out of bounds, neither task nor model_id."},
+    },
+)
+def predict_image(
+    file: Annotated[UploadFile, File(description="The image: any format and mode Pillow reads.")],
+    registry: RegistryDep,
+    settings: SettingsDep,
+    task: Annotated[TaskName | None, Form(description="Use the newest valid model of this task.")] = None,
+    model_id: Annotated[
+        str | None,
+        Form(max_length=128, pattern=MODEL_ID_PATTERN, description="Use this model (wins over task)."),
+    ] = None,
+    top_k: Annotated[int, Form(ge=1, le=100, description="Classes to return (at most the model's).")] = 5,
+    invert: Annotated[
+        InvertChoice,
+        Form(description="MNIST only: invert to white-on-black; `auto` inverts when the border is light."),
+    ] = "auto",
+) -> PredictionPublic:
+    """Top-k class probabilities. Preprocessing is the checkpoint's own evaluation preset."""
+    if not task and not model_id:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "give either task or model_id")
+    data = file.file.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"the file is larger than the limit of {settings.max_upload_bytes} bytes",
+        )
+    image, info = open_upload(data, settings.max_image_pixels)
+    try:
+        checkpoint = registry.resolve(model_id, task)
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    loaded = registry.get(checkpoint)
+    start = time.perf_counter()
+    result = predict(loaded, image, top_k, invert)
+    PREDICTION_SECONDS.labels(task=loaded.task).observe(time.perf_counter() - start)
+    return PredictionPublic(
+        model_id=loaded.model_id,
+        task=loaded.task,
+        predictions=[
+            ClassProbability(index=i, label=loaded.classes[i], probability=p)
+            for i, p in zip(result.indices, result.probabilities, strict=True)
+        ],
+        inverted=result.inverted,
+        image=info,
+    )

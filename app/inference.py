@@ -1,0 +1,144 @@
+"""Serving: resolve a checkpoint, keep loaded models in an LRU cache, run one image through it.
+
+Preprocessing is the checkpoint's own preset (``models_store.presets.Preset``, stored in its
+metadata): the same ``to_uint8`` and ``normalize`` that built and evaluated its training data.
+New checkpoints are seen without a restart, since every request lists the store; a model is
+(re)loaded when its weights file changes, and loading verifies its sha256 first.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from app.images import InvertChoice, should_invert, to_mode
+from models_store.architectures import build_model
+from models_store.checkpoint import CheckpointInfo, CheckpointInvalid, CheckpointStore, ModelNotFound
+from models_store.presets import Preset
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint ready for inference (``model`` in eval mode, on the CPU)."""
+
+    model_id: str
+    task: str
+    model: torch.nn.Module
+    preset: Preset
+    classes: list[str]
+    sha256: str
+
+
+@dataclass
+class Prediction:
+    """Probabilities of the top-k classes, most probable first."""
+
+    indices: list[int]
+    probabilities: list[float]
+    inverted: bool | None
+
+
+class ModelRegistry:
+    """Resolves and caches models of one ``CheckpointStore``; safe to use from many threads.
+
+    Args:
+        store: the checkpoint store.
+        cache_size: models kept loaded (least recently used evicted).
+    """
+
+    def __init__(self, store: CheckpointStore, cache_size: int = 4):
+        self.store = store
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self._load_locks: dict[str, threading.Lock] = {}
+
+    def resolve(self, model_id: str | None, task: str | None) -> CheckpointInfo:
+        """The checkpoint to use: ``model_id`` if given, else the newest valid one of ``task``.
+
+        Raises ``InvalidModelId``, ``ModelNotFound``, ``CheckpointInvalid``, ``ValueError``
+        (model_id of another task, or neither given).
+        """
+        if model_id:
+            info = self.store.get(model_id)
+            if not info.valid:
+                raise CheckpointInvalid(f"model {model_id} failed verification: {info.error}")
+            if task and info.task != task:
+                raise ValueError(f"model {model_id} is a {info.task} model, not {task}")
+            return info
+        if not task:
+            raise ValueError("give either task or model_id")
+        info = self.store.newest(task)
+        if info is None:
+            raise ModelNotFound(f"no trained {task} model yet: submit a job with POST /jobs first")
+        return info
+
+    def get(self, info: CheckpointInfo) -> LoadedModel:
+        """The loaded model of ``info``; loads (verifying sha256) if not cached or changed."""
+        sha = info.metadata["weights"]["sha256"]
+        with self._lock:
+            cached = self._cache.get(info.model_id)
+            if cached is not None and cached.sha256 == sha:
+                self._cache.move_to_end(info.model_id)
+                return cached
+            load_lock = self._load_locks.setdefault(info.model_id, threading.Lock())
+        with load_lock:
+            with self._lock:
+                cached = self._cache.get(info.model_id)
+                if cached is not None and cached.sha256 == sha:
+                    return cached
+            loaded = self._load(info.model_id)
+            with self._lock:
+                self._cache[info.model_id] = loaded
+                self._cache.move_to_end(info.model_id)
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+            return loaded
+
+    def _load(self, model_id: str) -> LoadedModel:
+        tensors, meta = self.store.load(model_id)
+        try:
+            model = build_model(meta["task"], meta["architecture"])
+            model.load_state_dict(tensors, strict=True)
+            preset = Preset.from_dict(meta["preset"])
+            classes = list(meta["classes"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointInvalid(f"model {model_id}: metadata does not match its weights: {exc}") from exc
+        model.eval()
+        return LoadedModel(model_id, meta["task"], model, preset, classes, meta["weights"]["sha256"])
+
+    def cached_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._cache)
+
+
+def predict(loaded: LoadedModel, image: Image.Image, top_k: int, invert: InvertChoice) -> Prediction:
+    """Classify one decoded upload.
+
+    Args:
+        loaded: the model.
+        image: PIL image of any mode (see ``app.images.to_mode``).
+        top_k: classes to return (clamped to the number of classes).
+        invert: for L-mode presets (MNIST): ``auto``, ``true`` or ``false``.
+
+    Returns:
+        top-k class indices and softmax probabilities (float32 -> float).
+    """
+    image = to_mode(image, loaded.preset.mode)
+    inverted = None
+    if loaded.preset.mode == "L":
+        inverted = should_invert(image, invert)
+        if inverted:
+            image = Image.eval(image, lambda v: 255 - v)
+    pixels = loaded.preset.to_uint8(image).unsqueeze(0)
+    with torch.inference_mode():
+        logits = loaded.model(loaded.preset.normalize(pixels))
+        probabilities = torch.softmax(logits.float(), dim=1)[0]
+        top = torch.topk(probabilities, k=min(top_k, probabilities.numel()))
+    return Prediction(top.indices.tolist(), top.values.tolist(), inverted)
+
+

@@ -1,0 +1,84 @@
+"""Builds the FastAPI application. Run with ``uvicorn app.main:create_app --factory``."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app.api.main import api_router
+from app.errors import install_error_handlers, redact_url
+from app.inference import ModelRegistry
+from app.limits import BodySizeLimitMiddleware
+from app.metrics import MetricsMiddleware
+from core.config import Settings, get_settings
+from core.jobs import JobStore, redis_client
+from core.queue import make_celery
+from models_store.checkpoint import CheckpointStore
+
+log = logging.getLogger("app")
+
+DESCRIPTION = """
+Train the three reference image classifiers (CIFAR-10 dense net, MNIST LeNet-5, hymenoptera
+ResNet18) as background jobs on Celery workers, and classify uploaded images with the resulting
+checkpoints.
+
+1. `POST /jobs` with a task (and optional hyperparameters): 202 with the queued job.
+2. `GET /jobs/{id}`: status, live progress, per-epoch metrics, and finally `model_id`.
+3. `POST /predict` with an image file and the task (or a `model_id`): top-k classes.
+
+Authenticate with **Authorize** (`Bearer <API key>`) unless the server runs without keys.
+"""
+
+# Bytes of a /predict multipart body beyond the file itself (boundaries, form fields).
+MULTIPART_OVERHEAD = 64 * 1024
+JSON_BODY_LIMIT = 1024 * 1024
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API. ``settings`` defaults to the environment's; raises ``RuntimeError`` when
+    API_KEYS is empty outside development."""
+    settings = settings or get_settings()
+    settings.check_api_security()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not settings.api_keys:
+            log.warning("API_KEYS is empty: authentication is OFF (ENVIRONMENT=development)")
+        torch.set_num_threads(settings.inference_threads)
+        client = redis_client(settings.redis_url, settings.redis_timeout_s)
+        checkpoints = CheckpointStore(settings.models_dir)
+        app.state.settings = settings
+        app.state.jobs = JobStore(client, settings.redis_prefix)
+        app.state.checkpoints = checkpoints
+        app.state.registry = ModelRegistry(checkpoints, settings.model_cache_size)
+        app.state.celery = make_celery(settings)
+        log.info("API ready: Redis %s, models in %s", redact_url(settings.redis_url), settings.models_dir)
+        yield
+        client.close()
+
+    app = FastAPI(
+        title="imgclf: train and serve image classifiers",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.include_router(api_router)
+    install_error_handlers(app)
+    upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        limit_for=lambda path: upload_limit if path == "/predict" else JSON_BODY_LIMIT,
+    )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+        )
+    app.add_middleware(MetricsMiddleware)
+    return app

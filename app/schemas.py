@@ -1,0 +1,140 @@
+"""Request and response schemas of the API (one place; names follow JobCreate / JobPublic / JobsPublic)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.hyperparams import (
+    DenseHyperparameters,
+    LeNetHyperparameters,
+    ResNetHyperparameters,
+    TaskName,
+)
+from core.jobs import JobRecord
+
+
+class _JobCreateBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DenseJobCreate(_JobCreateBase):
+    """Train the hand-written dense net on CIFAR-10."""
+
+    task: Literal["cifar10_dense"] = Field(description="Task to train.")
+    hyperparameters: DenseHyperparameters = Field(
+        default_factory=DenseHyperparameters, description="Overrides of the task's defaults."
+    )
+
+
+class LeNetJobCreate(_JobCreateBase):
+    """Train LeNet-5 on MNIST."""
+
+    task: Literal["mnist_lenet5"] = Field(description="Task to train.")
+    hyperparameters: LeNetHyperparameters = Field(
+        default_factory=LeNetHyperparameters, description="Overrides of the task's defaults."
+    )
+
+
+class ResNetJobCreate(_JobCreateBase):
+    """Fine-tune ResNet18 (or train its new fc on frozen features) on hymenoptera."""
+
+    task: Literal["hymenoptera_resnet18"] = Field(description="Task to train.")
+    hyperparameters: ResNetHyperparameters = Field(
+        default_factory=ResNetHyperparameters, description="Overrides of the task's defaults."
+    )
+
+
+JobCreate = Annotated[
+    DenseJobCreate | LeNetJobCreate | ResNetJobCreate,
+    Field(discriminator="task", description="A training job: the task and optional hyperparameters."),
+]
+
+JOB_CREATE_EXAMPLES: dict[str, dict[str, Any]] = {
+    "lenet": {
+        "summary": "LeNet-5 on MNIST, the assignment's settings",
+        "value": {"task": "mnist_lenet5", "hyperparameters": {"epochs": 10}},
+    },
+    "dense": {
+        "summary": "Dense net on CIFAR-10, quick run",
+        "value": {"task": "cifar10_dense", "hyperparameters": {"epochs": 2, "max_train_samples": 10000}},
+    },
+    "resnet": {
+        "summary": "ResNet18 feature extraction on hymenoptera",
+        "value": {"task": "hymenoptera_resnet18", "hyperparameters": {"mode": "feature_extraction"}},
+    },
+}
+
+
+class JobPublic(JobRecord):
+    """A training job: status, progress, per-epoch metrics and the checkpoint it produced."""
+
+
+class JobsPublic(BaseModel):
+    """A page of jobs, newest first."""
+
+    data: list[JobPublic] = Field(description="Jobs on this page.")
+    count: int = Field(description="Jobs matching the filters, over all pages.", examples=[42])
+
+
+class ModelPublic(BaseModel):
+    """A checkpoint in the store."""
+
+    id: str = Field(description="Model id.", examples=["mnist_lenet5-20261129-161500-5f2c1e0b"])
+    task: str | None = Field(description="Task it was trained for.", examples=["mnist_lenet5"])
+    valid: bool = Field(description="False if verification failed (see error); such a model is never loaded.")
+    error: str | None = Field(None, description="Why the checkpoint is invalid.", examples=[None])
+    created_at: str | None = Field(None, description="When it was written (UTC, ISO 8601).")
+    size_bytes: int = Field(description="Size of the weights file, bytes.", examples=[247_000])
+    classes: list[str] = Field(default_factory=list, description="Class names, index order.", examples=[["0", "1"]])
+    metrics: dict[str, Any] = Field(default_factory=dict, description="Final and per-epoch metrics of training.")
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters it was trained with.")
+    job_id: str | None = Field(None, description="Job that produced it.")
+    device: str | None = Field(None, description="Device it was trained on.", examples=["cpu"])
+    pretrained: dict[str, Any] | None = Field(None, description="Initial weights (hymenoptera_resnet18).")
+    sha256: str | None = Field(None, description="sha256 of the weights file.")
+
+
+class ModelsPublic(BaseModel):
+    """Checkpoints, newest first."""
+
+    data: list[ModelPublic]
+    count: int = Field(examples=[3])
+
+
+class ClassProbability(BaseModel):
+    """One class of a prediction."""
+
+    index: int = Field(description="Class index (the model's output position).", examples=[7])
+    label: str = Field(description="Class name.", examples=["7"])
+    probability: float = Field(description="Softmax probability in [0, 1].", examples=[0.991])
+
+
+class PredictionPublic(BaseModel):
+    """Top-k classes of one image, most probable first."""
+
+    model_id: str = Field(description="Checkpoint used.", examples=["mnist_lenet5-20261129-161500-5f2c1e0b"])
+    task: TaskName = Field(description="Its task.", examples=["mnist_lenet5"])
+    predictions: list[ClassProbability] = Field(description="Top-k classes; probabilities sum to <= 1.")
+    inverted: bool | None = Field(
+        None,
+        description="MNIST only: whether the image was inverted to white-on-black before inference.",
+        examples=[False],
+    )
+    image: dict[str, Any] = Field(
+        description="The upload as decoded: width, height and PIL mode before conversion.",
+        examples=[{"width": 28, "height": 28, "mode": "L"}],
+    )
+
+
+class HealthPublic(BaseModel):
+    status: Literal["ok"] = Field("ok", description="The API process is up.")
+
+
+class ReadyPublic(BaseModel):
+    """Readiness: Redis reachable, and which workers are alive."""
+
+    status: Literal["ready", "unavailable"]
+    redis: str = Field(description="`ok` or the connection error.", examples=["ok"])
+    workers: list[dict[str, Any]] = Field(default_factory=list, description="Live Celery workers.")

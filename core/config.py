@@ -1,0 +1,153 @@
+"""Service settings: the only place the environment is read.
+
+Every value can be set as an environment variable of the same name in upper case
+(``REDIS_URL``, ``DATA_DIR``, ``API_KEYS`` ...) or in a ``.env`` file in the working
+directory. ``get_settings()`` is cached; tests build their own ``Settings`` or clear
+the cache after changing the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Configuration shared by the API, the Celery worker and the benchmark."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    environment: Literal["development", "production"] = Field(
+        "production",
+        description="`development` allows running without API keys (a warning is logged at start).",
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Redis for the Celery broker and job records."
+    )
+    redis_prefix: str = Field(
+        "imgclf",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Prefix of every Redis key this service writes.",
+    )
+    redis_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="Connect and socket timeout for Redis calls, seconds."
+    )
+    celery_queue: str = Field(
+        "training",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Name of the Celery queue that carries training jobs.",
+    )
+
+    data_dir: Path = Field(Path("data"), description="Where datasets are looked for (standard layouts).")
+    models_dir: Path = Field(Path("var/models"), description="Checkpoint store.")
+    cache_dir: Path = Field(
+        Path("var/cache"),
+        description="Decoded-dataset caches (uint8 tensors), feature caches and resume state.",
+    )
+    allow_download: bool = Field(
+        False, description="Download a dataset with torchvision / its official URL when it is missing."
+    )
+
+    resnet18_weights: Literal["IMAGENET1K_V1", "local", "none"] = Field(
+        "IMAGENET1K_V1",
+        description=(
+            "Initial weights of hymenoptera_resnet18: torchvision's IMAGENET1K_V1 (looked up in the "
+            "torch hub cache under TORCH_HOME, downloaded there when ALLOW_DOWNLOAD is set), "
+            "`local` (the file RESNET18_WEIGHTS_FILE) or `none` (random init)."
+        ),
+    )
+    resnet18_weights_file: Path | None = Field(
+        None,
+        description="A ResNet18 ImageNet state dict: .safetensors, or .pth/.pt read with weights_only=True.",
+    )
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Training device of the worker; `auto` picks CUDA when available."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, le=1024, description="torch intra-op threads in the worker; default: torch's own."
+    )
+
+    job_lease_ttl_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="A running job's lease in Redis; renewed every third of it by the worker that runs it.",
+    )
+    reaper_interval_s: float = Field(
+        10.0, gt=0, le=3600, description="How often a worker looks for jobs whose worker died."
+    )
+    max_attempts: int = Field(
+        3, ge=1, le=100, description="Deliveries of a job before it is failed as lost."
+    )
+    visibility_timeout_s: int = Field(
+        43200,
+        ge=60,
+        description=(
+            "Redis transport visibility timeout, seconds. Kept long: lost workers are detected by the "
+            "job lease, not by redelivery (celery#5935)."
+        ),
+    )
+
+    max_upload_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="Largest accepted upload to /predict, bytes."
+    )
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest accepted image, width x height, checked before decoding."
+    )
+    model_cache_size: int = Field(4, ge=1, le=256, description="Loaded models kept in the API's memory.")
+    inference_threads: int = Field(
+        1, ge=1, le=64, description="torch intra-op threads per inference call in the API."
+    )
+
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated bearer tokens; empty disables auth (development only).",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated allowed CORS origins; empty disables CORS."
+    )
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _parse_csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _check_secure(self) -> Settings:
+        if self.resnet18_weights == "local" and self.resnet18_weights_file is None:
+            raise ValueError("RESNET18_WEIGHTS=local needs RESNET18_WEIGHTS_FILE")
+        if any(len(key) < 16 for key in self.api_keys):
+            raise ValueError("every API key must be at least 16 characters long")
+        return self
+
+    def check_api_security(self) -> None:
+        """Refuse to serve without API keys outside development; raises ``RuntimeError``."""
+        if not self.api_keys and self.environment != "development":
+            raise RuntimeError(
+                "API_KEYS is empty: set API_KEYS=<key>[,<key>...] or, for local development only, "
+                "ENVIRONMENT=development to run without authentication"
+            )
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Settings read once from the environment; raises ``pydantic.ValidationError`` if invalid."""
+    return Settings()

@@ -1,0 +1,477 @@
+"""Job records in Redis: the one place where job state and its transitions live.
+
+Both the API (create, read, cancel) and the worker (start, progress, finish) go through
+``JobStore``. Every transition is a Lua script, so it is atomic with respect to the other side.
+
+A running job holds a *lease* (``<prefix>:lease:<id>``, a random token with a TTL) that the
+worker renews from a heartbeat thread. Every write a worker makes is fenced by its token: a worker
+that lost its lease can no longer touch the job, and a job whose lease expired while ``running``
+(its worker was killed) is put back in the queue by ``requeue_orphans``. A job is therefore never
+run by two workers at once, even if the broker delivers its message twice (celery#5935).
+
+Keys (``p`` = ``REDIS_PREFIX``)::
+
+    p:job:<id>        hash: the record (JSON-encoded fields for nested values)
+    p:jobs            sorted set of ids by creation time (ms), for listing newest first
+    p:jobs:running    set of ids in status running, scanned by requeue_orphans
+    p:lease:<id>      token of the worker that runs the job, with a TTL
+    p:idem:<key>      "<job id>|<sha256 of the request>" for Idempotency-Key, 24 h
+    p:worker:<name>   JSON of a live worker, with a TTL
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import redis
+from pydantic import BaseModel, Field
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from core.hyperparams import TaskName
+
+IDEMPOTENCY_TTL_S = 24 * 3600
+_JSON_FIELDS = ("hyperparameters", "progress", "metrics", "timings")
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+
+
+class JobProgress(BaseModel):
+    """Where a job is: updated by the worker a few times a second while it trains."""
+
+    epoch: int = Field(0, description="Current epoch, 1-based; 0 before training starts.", examples=[3])
+    epochs: int = Field(0, description="Total epochs of the job.", examples=[10])
+    batches_done: int = Field(0, description="Batches done in the current epoch.", examples=[412])
+    batches_total: int = Field(0, description="Batches per epoch.", examples=[938])
+    images_per_s: float | None = Field(
+        None, description="Training throughput of the current epoch, images/s.", examples=[9100.5]
+    )
+    stage: str = Field(
+        "queued",
+        description="queued, loading_data, training, evaluating, saving_checkpoint or done.",
+        examples=["training"],
+    )
+
+
+class EpochMetrics(BaseModel):
+    """Metrics of one finished epoch. Accuracies are fractions in [0, 1]."""
+
+    epoch: int = Field(description="1-based epoch.", examples=[1])
+    lr: float = Field(description="Learning rate used in this epoch.", examples=[0.01])
+    train_loss: float = Field(description="Mean training loss over the epoch's batches.", examples=[0.21])
+    train_accuracy: float = Field(
+        description="Fraction of training images classified right during the epoch.", examples=[0.93]
+    )
+    test_accuracy: float | None = Field(
+        None, description="Accuracy on the test split (CIFAR-10, MNIST).", examples=[0.975]
+    )
+    val_accuracy: float | None = Field(
+        None, description="Accuracy on the val split (hymenoptera).", examples=[None]
+    )
+    duration_s: float = Field(description="Wall time of the epoch (train + eval), seconds.", examples=[7.9])
+    images_per_s: float = Field(description="Training images per second in this epoch.", examples=[9100.5])
+
+
+class JobRecord(BaseModel):
+    """A training job as stored in Redis and returned by the API."""
+
+    id: str = Field(description="Job id (32 hex digits).", examples=["5f2c1e0b9a7d4c3e8f1a2b3c4d5e6f70"])
+    task: TaskName = Field(description="Reference task this job trains.", examples=["mnist_lenet5"])
+    status: JobStatus = Field(description="queued, running, succeeded, failed or cancelled.")
+    hyperparameters: dict[str, Any] = Field(
+        description="Hyperparameters in effect: the request's values over the task's defaults.",
+        examples=[{"epochs": 10, "batch_size": 64, "lr": 0.01, "momentum": 0.9}],
+    )
+    created_at: datetime = Field(description="When the job was submitted (UTC).")
+    started_at: datetime | None = Field(None, description="When a worker first started it (UTC).")
+    finished_at: datetime | None = Field(None, description="When it reached a final status (UTC).")
+    progress: JobProgress = Field(default_factory=JobProgress)
+    metrics: list[EpochMetrics] = Field(default_factory=list, description="One entry per finished epoch.")
+    timings: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "Seconds spent: data_s (loading/decoding data), train_s, eval_s, checkpoint_s, total_s "
+            "(start to end of the last attempt)."
+        ),
+        examples=[{"data_s": 1.2, "train_s": 61.0, "eval_s": 3.1, "checkpoint_s": 0.1, "total_s": 66.0}],
+    )
+    device: str | None = Field(None, description="Device it trains on: cpu or cuda:N.", examples=["cpu"])
+    weights: str | None = Field(
+        None,
+        description="Initial weights of hymenoptera_resnet18 (IMAGENET1K_V1, local:<file>, none).",
+        examples=[None],
+    )
+    error: str | None = Field(None, description="Why it failed.", examples=[None])
+    model_id: str | None = Field(
+        None,
+        description="Checkpoint it produced (see /models).",
+        examples=["mnist_lenet5-20261129t161500-5f2c1e0b"],
+    )
+    attempts: int = Field(0, description="How many times a worker started it (>1 after a worker was lost).")
+    cancel_requested: bool = Field(False, description="A cancel was asked for while it was running.")
+    worker: str | None = Field(None, description="Celery worker that runs or ran it.", examples=["celery@gpu-1"])
+
+
+class StartResult(BaseModel):
+    """Outcome of ``JobStore.start``: ``started`` with the attempt number, or why not."""
+
+    outcome: str
+    attempts: int = 0
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def request_hash(payload: dict) -> str:
+    """sha256 of a request body in canonical JSON (sorted keys), for Idempotency-Key checks."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def redis_client(url: str, timeout_s: float) -> redis.Redis:
+    """A Redis client that fails fast: one try, ``timeout_s`` to connect and per call."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=15,
+    )
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with a different request body."""
+
+
+_CREATE = """
+if ARGV[4] == '1' then
+  local existing = redis.call('GET', KEYS[3])
+  if existing then return {'existing', existing} end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+if ARGV[4] == '1' then
+  redis.call('SET', KEYS[3], ARGV[1] .. '|' .. ARGV[2], 'EX', ARGV[3])
+end
+return {'created', ARGV[1]}
+"""
+
+# KEYS: job, running set, lease. ARGV: id, token, ttl_ms, worker, device, now, max_attempts
+_START = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing', 0} end
+if redis.call('EXISTS', KEYS[3]) == 1 then return {'leased', 0} end
+if status ~= 'queued' and status ~= 'running' then return {status, 0} end
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[6])
+  redis.call('SREM', KEYS[2], ARGV[1])
+  return {'cancelled', 0}
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if attempts > tonumber(ARGV[7]) then
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[6], 'error',
+    'gave up after ' .. (attempts - 1) .. ' attempts: the worker running it was lost each time ' ..
+    '(killed, out of memory or crashed)')
+  redis.call('SREM', KEYS[2], ARGV[1])
+  return {'failed', attempts - 1}
+end
+redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[4], 'device', ARGV[5])
+if redis.call('HEXISTS', KEYS[1], 'started_at') == 0 then
+  redis.call('HSET', KEYS[1], 'started_at', ARGV[6])
+end
+redis.call('SADD', KEYS[2], ARGV[1])
+return {'started', attempts}
+"""
+
+# KEYS: lease. ARGV: token, ttl_ms
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# KEYS: job, lease. ARGV: token, field, value, ...
+_UPDATE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
+
+# KEYS: job, running set, lease. ARGV: token, id, field, value, ...
+_FINISH = """
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('SREM', KEYS[2], ARGV[2])
+redis.call('DEL', KEYS[3])
+return 1
+"""
+
+# KEYS: job. ARGV: now
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if status == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
+  return 'cancelled'
+end
+if status == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+  return 'cancel_requested'
+end
+return 'ended:' .. status
+"""
+
+# KEYS: job, running set, lease. ARGV: id, now
+_REQUEUE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' then
+  redis.call('SREM', KEYS[2], ARGV[1])
+  return 'gone'
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then return 'alive' end
+redis.call('SREM', KEYS[2], ARGV[1])
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2])
+  return 'cancelled'
+end
+redis.call('HSET', KEYS[1], 'status', 'queued')
+return 'requeued'
+"""
+
+
+class JobStore:
+    """Job records in Redis.
+
+    Args:
+        client: a ``redis.Redis`` with ``decode_responses=True`` (see ``redis_client``).
+        prefix: key prefix (``REDIS_PREFIX``).
+
+    Every method may raise ``redis.exceptions.RedisError`` when Redis is unreachable.
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str):
+        self.redis = client
+        self.prefix = prefix
+        self._create = client.register_script(_CREATE)
+        self._start = client.register_script(_START)
+        self._renew = client.register_script(_RENEW)
+        self._update = client.register_script(_UPDATE)
+        self._finish = client.register_script(_FINISH)
+        self._cancel = client.register_script(_CANCEL)
+        self._requeue = client.register_script(_REQUEUE)
+
+    # keys
+    def job_key(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def lease_key(self, job_id: str) -> str:
+        return f"{self.prefix}:lease:{job_id}"
+
+    @property
+    def index_key(self) -> str:
+        return f"{self.prefix}:jobs"
+
+    @property
+    def running_key(self) -> str:
+        return f"{self.prefix}:jobs:running"
+
+    def _idem_key(self, key: str) -> str:
+        return f"{self.prefix}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    # API side
+    def ping(self) -> bool:
+        return bool(self.redis.ping())
+
+    def create(
+        self,
+        task: str,
+        hyperparameters: dict,
+        idempotency_key: str | None = None,
+        body_hash: str = "",
+    ) -> tuple[JobRecord, bool]:
+        """Store a new queued job; returns (record, created).
+
+        With ``idempotency_key``, a second call with the same key returns the first job and
+        ``created=False``. Raises ``IdempotencyConflict`` if the key was used with another body.
+        """
+        job_id = uuid.uuid4().hex
+        now = datetime.now(UTC)
+        fields = {
+            "id": job_id,
+            "task": task,
+            "status": JobStatus.queued.value,
+            "hyperparameters": json.dumps(hyperparameters),
+            "created_at": now.isoformat(),
+            "attempts": "0",
+            "progress": json.dumps({"epochs": hyperparameters.get("epochs", 0)}),
+            "metrics": "[]",
+            "timings": "{}",
+        }
+        argv = [
+            job_id,
+            body_hash,
+            IDEMPOTENCY_TTL_S,
+            "1" if idempotency_key else "0",
+            int(now.timestamp() * 1000),
+            *[item for pair in fields.items() for item in pair],
+        ]
+        idem_key = self._idem_key(idempotency_key or "-")
+        outcome, value = self._create(keys=[self.job_key(job_id), self.index_key, idem_key], args=argv)
+        if outcome == "created":
+            return self.get(job_id), True
+        existing_id, _, existing_hash = value.partition("|")
+        if existing_hash != body_hash:
+            raise IdempotencyConflict(
+                "this Idempotency-Key was already used with a different request body"
+            )
+        record = self.get(existing_id)
+        if record is None:  # the first request's job was rolled back; start afresh
+            self.redis.delete(idem_key)
+            return self.create(task, hyperparameters, idempotency_key, body_hash)
+        return record, False
+
+    def delete(self, job_id: str, idempotency_key: str | None = None) -> None:
+        """Remove a job that could not be enqueued (and its Idempotency-Key)."""
+        pipe = self.redis.pipeline()
+        pipe.delete(self.job_key(job_id))
+        pipe.zrem(self.index_key, job_id)
+        if idempotency_key:
+            pipe.delete(self._idem_key(idempotency_key))
+        pipe.execute()
+
+    def get(self, job_id: str) -> JobRecord | None:
+        raw = self.redis.hgetall(self.job_key(job_id))
+        return _record_from_hash(raw) if raw else None
+
+    def list(
+        self, offset: int = 0, limit: int = 20, status: str | None = None, task: str | None = None
+    ) -> tuple[list[JobRecord], int]:
+        """Jobs newest first: (page, total). Filters scan the index; fine for thousands of jobs."""
+        if status is None and task is None:
+            total = self.redis.zcard(self.index_key)
+            ids = self.redis.zrevrange(self.index_key, offset, offset + limit - 1)
+            return [r for r in self._get_many(ids) if r is not None], total
+        matching = [
+            r
+            for r in self._get_many(self.redis.zrevrange(self.index_key, 0, -1))
+            if r is not None
+            and (status is None or r.status == status)
+            and (task is None or r.task == task)
+        ]
+        return matching[offset : offset + limit], len(matching)
+
+    def request_cancel(self, job_id: str) -> str:
+        """Cancel: a queued job becomes cancelled at once, a running one is flagged to stop.
+
+        Returns ``cancelled``, ``cancel_requested``, ``ended:<status>`` (already final) or
+        ``missing``.
+        """
+        return self._cancel(keys=[self.job_key(job_id)], args=[utcnow()])
+
+    # worker side
+    def start(
+        self, job_id: str, token: str, ttl_s: float, worker: str, device: str, max_attempts: int
+    ) -> StartResult:
+        """Take the job's lease and mark it running.
+
+        Outcome ``started`` (with the attempt number), or ``missing``, ``leased`` (another worker
+        holds it), ``cancelled``, ``failed`` (too many attempts) or the job's final status.
+        """
+        outcome, attempts = self._start(
+            keys=[self.job_key(job_id), self.running_key, self.lease_key(job_id)],
+            args=[job_id, token, int(ttl_s * 1000), worker, device, utcnow(), max_attempts],
+        )
+        return StartResult(outcome=outcome, attempts=int(attempts))
+
+    def renew_lease(self, job_id: str, token: str, ttl_s: float) -> bool:
+        """Extend the lease; False if this worker no longer holds it."""
+        return bool(self._renew(keys=[self.lease_key(job_id)], args=[token, int(ttl_s * 1000)]))
+
+    def update(self, job_id: str, token: str, **fields: Any) -> bool:
+        """Write fields of a running job (progress, metrics, timings, weights, device).
+
+        False if this worker no longer holds the lease (nothing is written).
+        """
+        argv = [token, *_encode_fields(fields)]
+        return bool(self._update(keys=[self.job_key(job_id), self.lease_key(job_id)], args=argv))
+
+    def finish(self, job_id: str, token: str, status: JobStatus, **fields: Any) -> bool:
+        """Move a running job to a final status and release its lease; False if not the holder."""
+        fields = {"status": status.value, "finished_at": utcnow(), **fields}
+        argv = [token, job_id, *_encode_fields(fields)]
+        keys = [self.job_key(job_id), self.running_key, self.lease_key(job_id)]
+        return bool(self._finish(keys=keys, args=argv))
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        return self.redis.hget(self.job_key(job_id), "cancel_requested") == "1"
+
+    def requeue_orphans(self) -> list[tuple[str, str]]:
+        """Running jobs whose lease expired: requeued (or cancelled if a cancel was pending).
+
+        Returns [(job_id, outcome)] for those changed; the caller sends a new broker message
+        for each ``requeued`` one.
+        """
+        changed = []
+        for job_id in self.redis.smembers(self.running_key):
+            keys = [self.job_key(job_id), self.running_key, self.lease_key(job_id)]
+            outcome = self._requeue(keys=keys, args=[job_id, utcnow()])
+            if outcome in ("requeued", "cancelled"):
+                changed.append((job_id, outcome))
+        return changed
+
+    def register_worker(self, name: str, info: dict, ttl_s: float) -> None:
+        self.redis.set(f"{self.prefix}:worker:{name}", json.dumps(info), px=int(ttl_s * 1000))
+
+    def unregister_worker(self, name: str) -> None:
+        self.redis.delete(f"{self.prefix}:worker:{name}")
+
+    def workers(self) -> list[dict]:
+        """Live workers (those that refreshed their key within its TTL)."""
+        keys = list(self.redis.scan_iter(f"{self.prefix}:worker:*", count=100))
+        values = self.redis.mget(keys) if keys else []
+        return [json.loads(v) for v in values if v]
+
+    def _get_many(self, ids: list[str]) -> list[JobRecord | None]:
+        pipe = self.redis.pipeline()
+        for job_id in ids:
+            pipe.hgetall(self.job_key(job_id))
+        return [_record_from_hash(raw) if raw else None for raw in pipe.execute()]
+
+
+def _encode_fields(fields: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for name, value in fields.items():
+        if isinstance(value, BaseModel):
+            value = value.model_dump_json()
+        elif name in _JSON_FIELDS or isinstance(value, (dict, list)):
+            value = json.dumps(value)
+        elif value is None:
+            value = ""
+        out += [name, str(value)]
+    return out
+
+
+def _record_from_hash(raw: dict[str, str]) -> JobRecord:
+    data: dict[str, Any] = {k: v for k, v in raw.items() if v != ""}
+    for name in _JSON_FIELDS:
+        if name in data:
+            data[name] = json.loads(data[name])
+    data["cancel_requested"] = data.get("cancel_requested") == "1"
+    return JobRecord.model_validate(data)

@@ -1,0 +1,11 @@
+"""Training recipes, one per task; each implements ``worker.training.Recipe``."""
+
+from worker.recipes.dense import DenseRecipe
+from worker.recipes.lenet import LeNetRecipe
+from worker.recipes.resnet import ResNetRecipe
+
+RECIPES = {
+    "cifar10_dense": DenseRecipe,
+    "mnist_lenet5": LeNetRecipe,
+    "hymenoptera_resnet18": ResNetRecipe,
+}

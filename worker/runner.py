@@ -1,0 +1,252 @@
+"""Run one job end to end: take its lease, train, save the checkpoint, record the outcome.
+
+``run_job`` is what the Celery task calls; it is a plain function of a job id and settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import torch
+import torchvision
+
+from core.config import Settings
+from core.jobs import JobProgress, JobRecord, JobStatus, JobStore, redis_client
+from models_store.checkpoint import CheckpointStore
+from models_store.presets import PRESETS
+from worker.resume import ResumeStore
+from worker.training import StopTraining, TrainingContext, TrainingResult, run_training
+
+log = logging.getLogger(__name__)
+
+CANCELLED = "cancelled"
+LEASE_LOST = "lease lost"
+
+
+def select_device(choice: str) -> torch.device:
+    """``auto``: CUDA when available, else CPU. Raises ``RuntimeError`` for ``cuda`` without one."""
+    if choice == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if choice == "cuda":
+        raise RuntimeError("DEVICE=cuda but torch sees no CUDA device")
+    return torch.device("cpu")
+
+
+class LeaseHeartbeat:
+    """Renews a job's lease every third of its TTL from a daemon thread; ``lost`` once it fails."""
+
+    def __init__(self, store: JobStore, job_id: str, token: str, ttl_s: float):
+        self.store, self.job_id, self.token, self.ttl_s = store, job_id, token, ttl_s
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id[:8]}", daemon=True)
+
+    def __enter__(self) -> LeaseHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                if not self.store.renew_lease(self.job_id, self.token, self.ttl_s):
+                    log.error("job %s: lease lost; stopping at the next batch", self.job_id)
+                    self.lost = True
+                    return
+            except Exception as exc:  # Redis briefly unreachable: keep trying until the TTL runs out
+                log.warning("job %s: could not renew lease: %s", self.job_id, exc)
+
+
+def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
+    """Run job ``job_id`` if it is queued (or orphaned) and not held by another worker.
+
+    Returns the outcome: ``succeeded``, ``failed``, ``cancelled``, or why it did not run
+    (``missing``, ``leased``, a final status). Never raises for a training error: it is recorded
+    on the job.
+    """
+    store = JobStore(redis_client(settings.redis_url, settings.redis_timeout_s), settings.redis_prefix)
+    token = uuid.uuid4().hex
+    try:
+        device = select_device(settings.device)
+    except RuntimeError as exc:
+        device, device_error = torch.device("cpu"), str(exc)
+    else:
+        device_error = None
+    start = store.start(job_id, token, settings.job_lease_ttl_s, worker_name, str(device), settings.max_attempts)
+    if start.outcome != "started":
+        log.info("job %s not run: %s", job_id, start.outcome)
+        return start.outcome
+    record = store.get(job_id)
+    log.info("job %s (%s) started on %s, attempt %d", job_id, record.task, device, start.attempts)
+    if device_error:
+        _finish(store, job_id, token, JobStatus.failed, error=device_error)
+        return JobStatus.failed.value
+    resume = ResumeStore(settings.cache_dir / "jobs" / job_id)
+    with LeaseHeartbeat(store, job_id, token, settings.job_lease_ttl_s) as heartbeat:
+        ctx = _context(settings, store, job_id, token, device, resume, heartbeat)
+        started = time.perf_counter()
+        try:
+            result = run_training(record.task, record.hyperparameters, ctx)
+            checkpoint_start = time.perf_counter()
+            model_id = save_checkpoint(CheckpointStore(settings.models_dir), record, result, device, ctx)
+            ctx.add_time("checkpoint_s", time.perf_counter() - checkpoint_start)
+        except StopTraining as stop:
+            if stop.reason == LEASE_LOST:
+                return "leased"
+            ctx.add_time("total_s", time.perf_counter() - started)
+            _finish(store, job_id, token, JobStatus.cancelled, timings=ctx.timings)
+            resume.clear()
+            return JobStatus.cancelled.value
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            ctx.add_time("total_s", time.perf_counter() - started)
+            _finish(store, job_id, token, JobStatus.failed, error=_describe_error(exc), timings=ctx.timings)
+            resume.clear()
+            _release_device_memory(device)
+            return JobStatus.failed.value
+        ctx.add_time("total_s", time.perf_counter() - started)
+        progress = JobProgress(epoch=len(result.metrics), epochs=len(result.metrics), stage="done")
+        _finish(store, job_id, token, JobStatus.succeeded, model_id=model_id, timings=ctx.timings, progress=progress)
+        resume.clear()
+        _release_device_memory(device)
+    log.info("job %s succeeded: model %s", job_id, model_id)
+    return JobStatus.succeeded.value
+
+
+def model_id_for(record: JobRecord) -> str:
+    """Deterministic per job, so a job re-run after a crash finds its own checkpoint."""
+    return f"{record.task}-{record.created_at:%Y%m%d-%H%M%S}-{record.id[:8]}"
+
+
+def save_checkpoint(
+    checkpoints: CheckpointStore,
+    record: JobRecord,
+    result: TrainingResult,
+    device: torch.device,
+    ctx: TrainingContext,
+) -> str:
+    """Write the job's checkpoint (atomically) and return its model id.
+
+    If a previous attempt of the same job already wrote it, that checkpoint is kept.
+    Raises ``OSError`` when the store cannot be written (nothing is left half-written).
+    """
+    model_id = model_id_for(record)
+    try:
+        existing = checkpoints.get(model_id)
+    except Exception:
+        existing = None
+    if existing is not None and existing.valid and existing.metadata.get("job_id") == record.id:
+        return model_id
+    final = result.metrics[-1] if result.metrics else None
+    metadata = {
+        "task": record.task,
+        "job_id": record.id,
+        "created_at": datetime.now(UTC).isoformat(),
+        "classes": result.classes,
+        "preset": PRESETS[record.task].to_dict(),
+        "architecture": result.architecture,
+        "hyperparameters": record.hyperparameters,
+        "metrics": {
+            "final": final.model_dump() if final else {},
+            "epochs": [m.model_dump() for m in result.metrics],
+        },
+        "device": str(device),
+        "timings": ctx.timings,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+        },
+        **result.extra_metadata,
+    }
+    try:
+        checkpoints.save(model_id, result.tensors, metadata)
+    except OSError as exc:
+        raise OSError(exc.errno, f"could not write checkpoint to {checkpoints.root}: {exc.strerror or exc}") from exc
+    return model_id
+
+
+def _context(
+    settings: Settings,
+    store: JobStore,
+    job_id: str,
+    token: str,
+    device: torch.device,
+    resume: ResumeStore,
+    heartbeat: LeaseHeartbeat,
+) -> TrainingContext:
+    def should_stop() -> str | None:
+        if heartbeat.lost:
+            return LEASE_LOST
+        try:
+            return CANCELLED if store.is_cancel_requested(job_id) else None
+        except Exception as exc:
+            log.warning("job %s: cannot check for cancel: %s", job_id, exc)
+            return None
+
+    ctx = TrainingContext(
+        device=device,
+        data_dir=settings.data_dir,
+        cache_dir=settings.cache_dir,
+        allow_download=settings.allow_download,
+        resnet18_weights=settings.resnet18_weights,
+        resnet18_weights_file=settings.resnet18_weights_file,
+        should_stop=should_stop,
+        resume=resume,
+    )
+    ctx.on_progress = _safe(store, job_id, token, lambda p: {"progress": p, "timings": ctx.timings})
+    ctx.on_epoch = _safe(store, job_id, token, lambda m: {"metrics": [e.model_dump() for e in m]})
+    ctx.on_info = _safe(store, job_id, token, lambda info: info)
+    return ctx
+
+
+def _safe(store: JobStore, job_id: str, token: str, fields: Callable[[object], dict]) -> Callable:
+    """A job-record writer that never stops training: Redis errors are logged."""
+
+    def write(value: object) -> None:
+        try:
+            store.update(job_id, token, **fields(value))
+        except Exception as exc:
+            log.warning("job %s: could not record progress: %s", job_id, exc)
+
+    return write
+
+
+def _finish(store: JobStore, job_id: str, token: str, status: JobStatus, **fields: object) -> None:
+    """Record the final status, retrying for up to a minute while Redis is unreachable."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            store.finish(job_id, token, status, **fields)
+            return
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                log.error("job %s: could not record final status %s: %s", job_id, status, exc)
+                return
+            log.warning("job %s: Redis unreachable, retrying final status: %s", job_id, exc)
+            time.sleep(2)
+
+
+def _describe_error(exc: BaseException) -> str:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return f"out of memory on the training device: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _release_device_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+
