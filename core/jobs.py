@@ -12,7 +12,7 @@ run by two workers at once, even if the broker delivers its message twice (celer
 Keys (``p`` = ``REDIS_PREFIX``)::
 
     p:job:<id>        hash: the record (JSON-encoded fields for nested values)
-    p:jobs            sorted set of ids by creation time (ms), for listing newest first
+    p:jobs            sorted set of ids by creation order (p:jobs:seq), for listing newest first
     p:jobs:running    set of ids in status running, scanned by requeue_orphans
     p:lease:<id>      token of the worker that runs the job, with a TTL
     p:idem:<key>      "<job id>|<sha256 of the request>" for Idempotency-Key, 24 h
@@ -163,8 +163,8 @@ if ARGV[4] == '1' then
   local existing = redis.call('GET', KEYS[3])
   if existing then return {'existing', existing} end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
-redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), ARGV[1])
 if ARGV[4] == '1' then
   redis.call('SET', KEYS[3], ARGV[1] .. '|' .. ARGV[2], 'EX', ARGV[3])
 end
@@ -329,11 +329,11 @@ class JobStore:
             body_hash,
             IDEMPOTENCY_TTL_S,
             "1" if idempotency_key else "0",
-            int(now.timestamp() * 1000),
             *[item for pair in fields.items() for item in pair],
         ]
         idem_key = self._idem_key(idempotency_key or "-")
-        outcome, value = self._create(keys=[self.job_key(job_id), self.index_key, idem_key], args=argv)
+        keys = [self.job_key(job_id), self.index_key, idem_key, f"{self.index_key}:seq"]
+        outcome, value = self._create(keys=keys, args=argv)
         if outcome == "created":
             return self.get(job_id), True
         existing_id, _, existing_hash = value.partition("|")

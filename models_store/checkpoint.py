@@ -218,18 +218,24 @@ class CheckpointStore:
     def _inspect(self, model_id: str, path: Path) -> CheckpointInfo:
         info = CheckpointInfo(model_id=model_id, path=path)
         try:
-            info.metadata = json.loads((path / METADATA_FILE).read_text())
+            metadata = json.loads((path / METADATA_FILE).read_text())
             stat = (path / WEIGHTS_FILE).stat()
         except (OSError, ValueError) as exc:
             info.error = f"unreadable checkpoint: {exc}"
             return info
+        if not isinstance(metadata, dict):
+            info.error = "unreadable checkpoint: metadata.json is not an object"
+            return info
+        info.metadata = metadata
         info.size_bytes = stat.st_size
-        info.error = self._verify_cached(info, (stat.st_size, stat.st_mtime_ns, stat.st_ino))
+        expected = json.dumps(metadata.get("weights"), sort_keys=True)
+        signature = (stat.st_size, stat.st_mtime_ns, stat.st_ino, expected, metadata.get("model_id"))
+        info.error = self._verify_cached(info, signature)
         info.valid = info.error is None
         return info
 
     def _verify_cached(self, info: CheckpointInfo, signature: tuple) -> str | None:
-        """sha256 check, remembered per (size, mtime, inode) of the weights file."""
+        """sha256 check, remembered per weights file (size, mtime, inode) and expected hash."""
         key = str(info.path)
         with self._lock:
             cached = self._verified.get(key)

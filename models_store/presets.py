@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import CenterCrop, Resize
-from torchvision.transforms.functional import pil_to_tensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision ResNet18_Weights.IMAGENET1K_V1 transforms
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,15 +56,16 @@ class Preset:
             raise ValueError(f"preset {self.task} has no fixed input size")
         return tuple(self.resize)
 
-    def to_uint8(self, image: Image.Image) -> torch.Tensor:
-        """Convert, resize and crop one image.
+    def to_array(self, image: Image.Image) -> np.ndarray:
+        """Convert, resize and crop one image (Pillow and numpy only, no torch ops).
 
         Args:
             image: a PIL image already in ``self.mode`` (see ``app.images`` for arbitrary uploads);
                 other modes are converted with ``Image.convert``.
 
         Returns:
-            uint8 tensor of shape (C, H, W) = (channels, *input_size).
+            uint8 array of shape (C, H, W) = (channels, *input_size), the values of
+            torchvision's ``PILToTensor`` after ``Resize``/``CenterCrop``.
         """
         if image.mode != self.mode:
             image = image.convert(self.mode)
@@ -72,7 +73,12 @@ class Preset:
             image = Resize(self._resize_arg())(image)
         if self.crop is not None and image.size != (self.crop, self.crop):
             image = CenterCrop(self.crop)(image)
-        return pil_to_tensor(image)
+        pixels = np.array(image, dtype=np.uint8)
+        return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+    def to_uint8(self, image: Image.Image) -> torch.Tensor:
+        """``to_array`` as a contiguous uint8 tensor (C, H, W)."""
+        return torch.from_numpy(np.ascontiguousarray(self.to_array(image)))
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W) on any device -> float32 (N, C, H, W), ``(x/255 - mean)/std``."""

@@ -23,13 +23,16 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing as mp
 import os
 import pickle
 import shutil
 import tempfile
 import zipfile
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -412,7 +415,7 @@ def _decode_folder(source: _FolderSource, split: str, preset: Preset) -> ImageDa
     args = [(source, chunk, preset.to_dict()) for chunk in chunks]
     workers = min(len(chunks), os.cpu_count() or 1)
     if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with _child_processes_allowed(), ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
             arrays = list(pool.map(_decode_chunk, *zip(*args, strict=True)))
     else:
         arrays = [_decode_chunk(*a) for a in args]
@@ -422,6 +425,23 @@ def _decode_folder(source: _FolderSource, split: str, preset: Preset) -> ImageDa
         classes=classes,
         source=f"{_describe(source)}/{split}",
     )
+
+
+@contextmanager
+def _child_processes_allowed() -> Iterator[None]:
+    """Let a Celery prefork child (a daemonic process) start the decoding pool.
+
+    multiprocessing refuses children to daemonic processes because they could be orphaned; the
+    pool is joined before this context exits, so that cannot happen here.
+    """
+    config = mp.current_process()._config
+    was_daemon = config.get("daemon")
+    config["daemon"] = False
+    try:
+        yield
+    finally:
+        if was_daemon is not None:
+            config["daemon"] = was_daemon
 
 
 def _decode_chunk(source: _FolderSource, names: list[str], preset_dict: dict) -> np.ndarray:
@@ -434,7 +454,7 @@ def _decode_chunk(source: _FolderSource, names: list[str], preset_dict: dict) ->
         try:
             data = zf.read(name) if zf else Path(name).read_bytes()
             with Image.open(io.BytesIO(data)) as image:
-                out[i] = preset.to_uint8(image).numpy()
+                out[i] = preset.to_array(image)
         except Exception as exc:
             raise DatasetCorrupt(f"cannot decode {name} in {_describe(source)}: {exc}") from exc
     return out

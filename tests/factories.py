@@ -1,0 +1,132 @@
+"""Test data in the real on-disk formats, built from scratch: IDX files, CIFAR-10 python batches,
+ImageFolder trees and zips, image bytes in any PIL mode, checkpoints.
+
+The synthetic images are learnable: class k of an N-class set is a bright square (MNIST-like) or
+a colour-and-position pattern, so a few epochs separate them and a prediction can be checked.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def digit_image(label: int, rng: np.random.Generator, size: int = 28) -> np.ndarray:
+    """uint8 (size, size): dark background with a bright 6x6 square whose place encodes ``label``."""
+    image = rng.integers(0, 30, (size, size), dtype=np.uint8)
+    row, col = divmod(label, 4)
+    top, left = 3 + row * 8, 2 + col * 6
+    image[top : top + 6, left : left + 6] = rng.integers(200, 256, (6, 6), dtype=np.uint8)
+    return image
+
+
+def colour_image(label: int, rng: np.random.Generator, size: int = 32, classes: int = 10) -> np.ndarray:
+    """uint8 (size, size, 3): class-specific colour in one half, noise elsewhere."""
+    image = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+    hue = np.array([(label * 97) % 256, (label * 53 + 80) % 256, (label * 29 + 160) % 256], dtype=np.uint8)
+    if label % 2:
+        image[: size // 2] = hue
+    else:
+        image[:, : size // 2] = hue
+    return image
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX (the MNIST format): magic 0x0000 08 <ndim>, big-endian int32 dims, uint8 data."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def make_mnist(root: Path, train: int = 600, test: int = 200, seed: int = 0) -> Path:
+    """``root/MNIST/raw`` with the four IDX files of torchvision's layout."""
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", train), ("t10k", test)):
+        labels = np.arange(n) % 10
+        rng.shuffle(labels)
+        images = np.stack([digit_image(int(k), rng) for k in labels])
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels.astype(np.uint8))
+    return raw
+
+
+def make_cifar_batches(root: Path, per_batch: int = 100, test: int = 100, seed: int = 0) -> Path:
+    """``root/cifar-10-batches-py`` with data_batch_1..5, test_batch and batches.meta (pickles of
+    dicts with a uint8 'data' array (N, 3072) and a 'labels' list, as the official files)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = test if name == "test_batch" else per_batch
+        labels = [int(k) for k in rng.permutation(np.arange(n) % 10)]
+        data = np.stack([colour_image(k, rng).transpose(2, 0, 1).reshape(-1) for k in labels])
+        batch = {"batch_label": name, "labels": labels, "data": data, "filenames": [f"{i}.png" for i in range(n)]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {"label_names": CIFAR_CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return folder
+
+
+def make_image_folder(
+    root: Path,
+    name: str,
+    splits: dict[str, int],
+    classes: list[str],
+    size: tuple[int, int] = (32, 32),
+    as_zip: bool = False,
+    seed: int = 0,
+    fmt: str = "JPEG",
+) -> Path:
+    """An ImageFolder tree ``root/name/<split>/<class>/*.jpg`` (or ``root/name.zip`` of it)."""
+    rng = np.random.default_rng(seed)
+    files: dict[str, bytes] = {}
+    for split, n in splits.items():
+        for i in range(n):
+            label = i % len(classes)
+            pixels = colour_image(label, rng, size=max(size), classes=len(classes))
+            image = Image.fromarray(pixels).resize(size)
+            ext = "jpg" if fmt == "JPEG" else fmt.lower()
+            files[f"{name}/{split}/{classes[label]}/{i:05d}.{ext}"] = image_bytes(image, fmt)
+    if as_zip:
+        path = root / f"{name}.zip"
+        with zipfile.ZipFile(path, "w") as zf:
+            for member, data in files.items():
+                zf.writestr(member, data)
+        return path
+    for member, data in files.items():
+        target = root / member
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return root / name
+
+
+def make_hymenoptera(root: Path, train: int = 24, val: int = 16, as_zip: bool = False) -> Path:
+    """The official archive's layout, small: hymenoptera_data/{train,val}/{ants,bees}/*.jpg."""
+    return make_image_folder(
+        root, "hymenoptera_data", {"train": train, "val": val}, ["ants", "bees"], size=(300, 260), as_zip=as_zip
+    )
+
+
+def image_bytes(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def make_synthetic_data(root: Path) -> Path:
+    """DATA_DIR with all three tasks' datasets, small (MNIST IDX, CIFAR zip, hymenoptera folder)."""
+    root.mkdir(parents=True, exist_ok=True)
+    make_mnist(root, train=2000, test=300)
+    make_image_folder(root, "cifar10-jpg", {"train": 1000, "test": 200}, CIFAR_CLASSES, as_zip=True)
+    make_hymenoptera(root)
+    return root
