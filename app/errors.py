@@ -44,7 +44,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     async def broker_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
         url = redact_url(request.app.state.settings.redis_url)
-        return _detail(503, f"the job queue (Redis at {url}) is unreachable: {exc}. Retry later.", {"Retry-After": "5"})
+        return _detail(
+            503, f"the job queue (Redis at {url}) is unreachable: {exc}. Retry later.", {"Retry-After": "5"}
+        )
 
     @app.exception_handler(InvalidModelId)
     async def invalid_model_id(request: Request, exc: InvalidModelId) -> JSONResponse:

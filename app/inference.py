@@ -140,5 +140,3 @@ def predict(loaded: LoadedModel, image: Image.Image, top_k: int, invert: InvertC
         probabilities = torch.softmax(logits.float(), dim=1)[0]
         top = torch.topk(probabilities, k=min(top_k, probabilities.numel()))
     return Prediction(top.indices.tolist(), top.values.tolist(), inverted)
-
-

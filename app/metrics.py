@@ -7,9 +7,15 @@ import time
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-REQUESTS = Counter("imgclf_http_requests_total", "HTTP requests by route and status.", ["method", "route", "status"])
-REQUEST_SECONDS = Histogram("imgclf_http_request_seconds", "HTTP request latency, seconds.", ["method", "route"])
-PREDICTION_SECONDS = Histogram("imgclf_prediction_seconds", "Model inference time per image, seconds.", ["task"])
+REQUESTS = Counter(
+    "imgclf_http_requests_total", "HTTP requests by route and status.", ["method", "route", "status"]
+)
+REQUEST_SECONDS = Histogram(
+    "imgclf_http_request_seconds", "HTTP request latency, seconds.", ["method", "route"]
+)
+PREDICTION_SECONDS = Histogram(
+    "imgclf_prediction_seconds", "Model inference time per image, seconds.", ["task"]
+)
 
 
 class MetricsMiddleware:

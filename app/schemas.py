@@ -87,9 +87,15 @@ class ModelPublic(BaseModel):
     error: str | None = Field(None, description="Why the checkpoint is invalid.", examples=[None])
     created_at: str | None = Field(None, description="When it was written (UTC, ISO 8601).")
     size_bytes: int = Field(description="Size of the weights file, bytes.", examples=[247_000])
-    classes: list[str] = Field(default_factory=list, description="Class names, index order.", examples=[["0", "1"]])
-    metrics: dict[str, Any] = Field(default_factory=dict, description="Final and per-epoch metrics of training.")
-    hyperparameters: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters it was trained with.")
+    classes: list[str] = Field(
+        default_factory=list, description="Class names, index order.", examples=[["0", "1"]]
+    )
+    metrics: dict[str, Any] = Field(
+        default_factory=dict, description="Final and per-epoch metrics of training."
+    )
+    hyperparameters: dict[str, Any] = Field(
+        default_factory=dict, description="Hyperparameters it was trained with."
+    )
     job_id: str | None = Field(None, description="Job that produced it.")
     device: str | None = Field(None, description="Device it was trained on.", examples=["cpu"])
     pretrained: dict[str, Any] | None = Field(None, description="Initial weights (hymenoptera_resnet18).")

@@ -90,9 +90,7 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(
         10.0, gt=0, le=3600, description="How often a worker looks for jobs whose worker died."
     )
-    max_attempts: int = Field(
-        3, ge=1, le=100, description="Deliveries of a job before it is failed as lost."
-    )
+    max_attempts: int = Field(3, ge=1, le=100, description="Deliveries of a job before it is failed as lost.")
     visibility_timeout_s: int = Field(
         43200,
         ge=60,

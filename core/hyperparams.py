@@ -14,9 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 TaskName = Literal["cifar10_dense", "mnist_lenet5", "hymenoptera_resnet18"]
 TASK_NAMES: tuple[str, ...] = ("cifar10_dense", "mnist_lenet5", "hymenoptera_resnet18")
 
-Seed = Annotated[
-    int, Field(ge=0, le=2**31 - 1, description="Seeds weight init and shuffling.", examples=[0])
-]
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1, description="Seeds weight init and shuffling.", examples=[0])]
 MaxTrainSamples = Annotated[
     int | None,
     Field(
@@ -36,9 +34,7 @@ class _Hyperparameters(BaseModel):
     lr: float
     momentum: float
     lr_decay: float
-    lr_step_size: int = Field(
-        1, ge=1, le=1000, description="Multiply lr by lr_decay every this many epochs."
-    )
+    lr_step_size: int = Field(1, ge=1, le=1000, description="Multiply lr by lr_decay every this many epochs.")
     seed: Seed = 0
     max_train_samples: MaxTrainSamples = None
 
@@ -46,8 +42,7 @@ class _Hyperparameters(BaseModel):
     def _batch_fits_cap(self) -> _Hyperparameters:
         if self.max_train_samples is not None and self.batch_size > self.max_train_samples:
             raise ValueError(
-                f"batch_size ({self.batch_size}) is larger than max_train_samples "
-                f"({self.max_train_samples})"
+                f"batch_size ({self.batch_size}) is larger than max_train_samples ({self.max_train_samples})"
             )
         return self
 

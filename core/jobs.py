@@ -123,7 +123,9 @@ class JobRecord(BaseModel):
     )
     attempts: int = Field(0, description="How many times a worker started it (>1 after a worker was lost).")
     cancel_requested: bool = Field(False, description="A cancel was asked for while it was running.")
-    worker: str | None = Field(None, description="Celery worker that runs or ran it.", examples=["celery@gpu-1"])
+    worker: str | None = Field(
+        None, description="Celery worker that runs or ran it.", examples=["celery@gpu-1"]
+    )
 
 
 class StartResult(BaseModel):
@@ -338,9 +340,7 @@ class JobStore:
             return self.get(job_id), True
         existing_id, _, existing_hash = value.partition("|")
         if existing_hash != body_hash:
-            raise IdempotencyConflict(
-                "this Idempotency-Key was already used with a different request body"
-            )
+            raise IdempotencyConflict("this Idempotency-Key was already used with a different request body")
         record = self.get(existing_id)
         if record is None:  # the first request's job was rolled back; start afresh
             self.redis.delete(idem_key)
@@ -371,9 +371,7 @@ class JobStore:
         matching = [
             r
             for r in self._get_many(self.redis.zrevrange(self.index_key, 0, -1))
-            if r is not None
-            and (status is None or r.status == status)
-            and (task is None or r.task == task)
+            if r is not None and (status is None or r.status == status) and (task is None or r.task == task)
         ]
         return matching[offset : offset + limit], len(matching)
 

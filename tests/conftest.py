@@ -59,8 +59,16 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 shutil.which("redis-server") or "redis-server",
-                "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", str(self.directory),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -173,20 +181,28 @@ class WorkerProcess:
     def start(self, wait: bool = True, preexec: Callable[[], None] | None = None) -> WorkerProcess:
         self.stack.root.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.stack.env, **self.extra_env, "PYTHONUNBUFFERED": "1"}
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [
-                sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-                "--loglevel=INFO", "-n", self.hostname, "--without-mingle", "--without-gossip",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=preexec,
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "worker.celery_app",
+                    "worker",
+                    "--loglevel=INFO",
+                    "-n",
+                    self.hostname,
+                    "--without-mingle",
+                    "--without-gossip",
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=preexec,
+            )
         if wait:
             self.wait_ready()
         return self
@@ -245,7 +261,9 @@ def api_client(stack: Stack, **headers: str):
         yield client
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 60, interval: float = 0.1, what: str = "") -> object:
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 60, interval: float = 0.1, what: str = ""
+) -> object:
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:

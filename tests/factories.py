@@ -70,7 +70,12 @@ def make_cifar_batches(root: Path, per_batch: int = 100, test: int = 100, seed: 
         n = test if name == "test_batch" else per_batch
         labels = [int(k) for k in rng.permutation(np.arange(n) % 10)]
         data = np.stack([colour_image(k, rng).transpose(2, 0, 1).reshape(-1) for k in labels])
-        batch = {"batch_label": name, "labels": labels, "data": data, "filenames": [f"{i}.png" for i in range(n)]}
+        batch = {
+            "batch_label": name,
+            "labels": labels,
+            "data": data,
+            "filenames": [f"{i}.png" for i in range(n)],
+        }
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
     meta = {"label_names": CIFAR_CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
@@ -113,7 +118,12 @@ def make_image_folder(
 def make_hymenoptera(root: Path, train: int = 24, val: int = 16, as_zip: bool = False) -> Path:
     """The official archive's layout, small: hymenoptera_data/{train,val}/{ants,bees}/*.jpg."""
     return make_image_folder(
-        root, "hymenoptera_data", {"train": train, "val": val}, ["ants", "bees"], size=(300, 260), as_zip=as_zip
+        root,
+        "hymenoptera_data",
+        {"train": train, "val": val},
+        ["ants", "bees"],
+        size=(300, 260),
+        as_zip=as_zip,
     )
 
 

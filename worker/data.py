@@ -35,6 +35,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -366,13 +367,15 @@ class _BatchUnpickler(pickle.Unpickler):
     """Unpickles CIFAR-10 python batches without executing arbitrary code: only the numpy
     array reconstruction that the official files contain is allowed."""
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),
-    }
+    _ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),
+        }
+    )
 
     def find_class(self, module: str, name: str):
         if (module, name) in self._ALLOWED:
@@ -415,7 +418,10 @@ def _decode_folder(source: _FolderSource, split: str, preset: Preset) -> ImageDa
     args = [(source, chunk, preset.to_dict()) for chunk in chunks]
     workers = min(len(chunks), os.cpu_count() or 1)
     if workers > 1:
-        with _child_processes_allowed(), ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        with (
+            _child_processes_allowed(),
+            ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool,
+        ):
             arrays = list(pool.map(_decode_chunk, *zip(*args, strict=True)))
     else:
         arrays = [_decode_chunk(*a) for a in args]

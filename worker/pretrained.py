@@ -48,7 +48,9 @@ def hub_cache_file() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
-def resolve_weights(choice: str, server_choice: str, local_file: Path | None, allow_download: bool) -> PretrainedWeights:
+def resolve_weights(
+    choice: str, server_choice: str, local_file: Path | None, allow_download: bool
+) -> PretrainedWeights:
     """Load the initial weights a job asked for.
 
     Args:
@@ -67,7 +69,9 @@ def resolve_weights(choice: str, server_choice: str, local_file: Path | None, al
     if name == "local":
         if local_file is None:
             raise PretrainedWeightsUnavailable("weights=local but RESNET18_WEIGHTS_FILE is not set")
-        return PretrainedWeights(_read_state_file(Path(local_file)), "local", str(local_file), _sha256(local_file))
+        return PretrainedWeights(
+            _read_state_file(Path(local_file)), "local", str(local_file), _sha256(local_file)
+        )
     cached = hub_cache_file()
     if not cached.is_file() and not allow_download:
         raise PretrainedWeightsUnavailable(
@@ -76,7 +80,9 @@ def resolve_weights(choice: str, server_choice: str, local_file: Path | None, al
             "RESNET18_WEIGHTS_FILE, or train with weights=none"
         )
     try:
-        state = ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True, weights_only=True)
+        state = ResNet18_Weights.IMAGENET1K_V1.get_state_dict(
+            progress=False, check_hash=True, weights_only=True
+        )
     except Exception as exc:
         raise PretrainedWeightsUnavailable(f"could not load IMAGENET1K_V1 weights: {exc}") from exc
     return PretrainedWeights(state, "IMAGENET1K_V1", str(cached), _sha256(cached))

@@ -118,7 +118,7 @@ class ResumeStore:
             tensors = {}
             with safe_open(str(self.path), framework="pt") as f:
                 meta = f.metadata()
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     tensors[key] = f.get_tensor(key)
             generator_state = tensors.pop(_GENERATOR_KEY)
             state = unpack_state(json.loads(meta["skeleton"]), tensors)

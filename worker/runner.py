@@ -83,7 +83,9 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
         device, device_error = torch.device("cpu"), str(exc)
     else:
         device_error = None
-    start = store.start(job_id, token, settings.job_lease_ttl_s, worker_name, str(device), settings.max_attempts)
+    start = store.start(
+        job_id, token, settings.job_lease_ttl_s, worker_name, str(device), settings.max_attempts
+    )
     if start.outcome != "started":
         log.info("job %s not run: %s", job_id, start.outcome)
         return start.outcome
@@ -117,7 +119,15 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
             return JobStatus.failed.value
         ctx.add_time("total_s", time.perf_counter() - started)
         progress = JobProgress(epoch=len(result.metrics), epochs=len(result.metrics), stage="done")
-        _finish(store, job_id, token, JobStatus.succeeded, model_id=model_id, timings=ctx.timings, progress=progress)
+        _finish(
+            store,
+            job_id,
+            token,
+            JobStatus.succeeded,
+            model_id=model_id,
+            timings=ctx.timings,
+            progress=progress,
+        )
         resume.clear()
         _release_device_memory(device)
     log.info("job %s succeeded: model %s", job_id, model_id)
@@ -173,7 +183,9 @@ def save_checkpoint(
     try:
         checkpoints.save(model_id, result.tensors, metadata)
     except OSError as exc:
-        raise OSError(exc.errno, f"could not write checkpoint to {checkpoints.root}: {exc.strerror or exc}") from exc
+        raise OSError(
+            exc.errno, f"could not write checkpoint to {checkpoints.root}: {exc.strerror or exc}"
+        ) from exc
     return model_id
 
 
@@ -247,6 +259,3 @@ def _describe_error(exc: BaseException) -> str:
 def _release_device_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-

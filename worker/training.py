@@ -247,7 +247,11 @@ def run_training(task: str, hyperparameters: dict | Hyperparameters, ctx: Traini
         StopTraining: the job was cancelled or lost its lease (resume state is kept).
         worker.data.DatasetNotFound, DatasetCorrupt, OSError, RuntimeError (e.g. CUDA OOM).
     """
-    hp = hyperparameters if not isinstance(hyperparameters, dict) else parse_hyperparameters(task, hyperparameters)
+    hp = (
+        hyperparameters
+        if not isinstance(hyperparameters, dict)
+        else parse_hyperparameters(task, hyperparameters)
+    )
     preset = PRESETS[task]
     torch.manual_seed(hp.seed)
     ctx.on_progress(JobProgress(epochs=hp.epochs, stage="loading_data"))

@@ -44,7 +44,9 @@ def test_lenet_job_progress_checkpoint_and_predict(client):
 
     def running_with_progress():
         current = client.get(f"/jobs/{job['id']}").json()
-        return current["status"] == "running" and (current["progress"]["batches_done"] > 0 or current["metrics"])
+        return current["status"] == "running" and (
+            current["progress"]["batches_done"] > 0 or current["metrics"]
+        )
 
     wait_for(running_with_progress, timeout=90, interval=0.05, what="visible progress while running")
     done = wait_for_status(client, job["id"], {"succeeded", "failed"})
@@ -64,7 +66,11 @@ def test_lenet_job_progress_checkpoint_and_predict(client):
     right = 0
     for label in range(10):
         data = image_bytes(Image.fromarray(digit_image(label, rng)), "PNG")
-        response = client.post("/predict", files={"file": ("d.png", data, "image/png")}, data={"task": "mnist_lenet5", "top_k": 3})
+        response = client.post(
+            "/predict",
+            files={"file": ("d.png", data, "image/png")},
+            data={"task": "mnist_lenet5", "top_k": 3},
+        )
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["model_id"] == model_id and len(body["predictions"]) == 3
@@ -80,7 +86,9 @@ def test_dense_and_resnet_train_and_predict(client):
         done = wait_for_status(client, job["id"], {"succeeded", "failed"}, timeout=180)
         assert done["status"] == "succeeded", done["error"]
         image = image_bytes(Image.fromarray(colour_image(3, np.random.default_rng(0))), "JPEG")
-        response = client.post("/predict", files={"file": ("x.jpg", image)}, data={"model_id": done["model_id"]})
+        response = client.post(
+            "/predict", files={"file": ("x.jpg", image)}, data={"model_id": done["model_id"]}
+        )
         assert response.status_code == 200, response.text
         assert response.json()["task"] == task
     assert client.get(f"/jobs/{resnet['id']}").json()["weights"] == "none"
@@ -90,7 +98,9 @@ def test_dense_and_resnet_train_and_predict(client):
 def test_cancel_running_job_then_worker_serves_next(client, service):
     stack, _ = service
     job = submit(client, "mnist_lenet5", epochs=500)
-    wait_for(lambda: client.get(f"/jobs/{job['id']}").json()["progress"]["batches_done"] > 0, 90, 0.05, "progress")
+    wait_for(
+        lambda: client.get(f"/jobs/{job['id']}").json()["progress"]["batches_done"] > 0, 90, 0.05, "progress"
+    )
     response = client.post(f"/jobs/{job['id']}/cancel")
     assert response.status_code == 202 and response.json()["cancel_requested"]
     done = wait_for_status(client, job["id"], {"cancelled", "succeeded", "failed"}, timeout=30)
@@ -104,7 +114,12 @@ def test_cancel_running_job_then_worker_serves_next(client, service):
 
 def test_cancel_queued_job_never_starts(client):
     blocker = submit(client, "mnist_lenet5", epochs=500)
-    wait_for(lambda: client.get(f"/jobs/{blocker['id']}").json()["status"] == "running", 90, 0.05, "blocker running")
+    wait_for(
+        lambda: client.get(f"/jobs/{blocker['id']}").json()["status"] == "running",
+        90,
+        0.05,
+        "blocker running",
+    )
     queued = submit(client, "mnist_lenet5", epochs=1)
     response = client.post(f"/jobs/{queued['id']}/cancel")
     assert response.status_code == 202 and response.json()["status"] == "cancelled"
@@ -134,7 +149,10 @@ def test_list_jobs_newest_first_with_paging(client):
     assert [j["id"] for j in page["data"]] == ids[::-1][:2] and page["count"] >= 3
     second = client.get("/jobs", params={"limit": 2, "offset": 2}).json()
     assert second["data"][0]["id"] == ids[0]
-    assert all(j["task"] == "mnist_lenet5" for j in client.get("/jobs", params={"task": "mnist_lenet5"}).json()["data"])
+    assert all(
+        j["task"] == "mnist_lenet5"
+        for j in client.get("/jobs", params={"task": "mnist_lenet5"}).json()["data"]
+    )
     for job_id in ids:
         wait_for_status(client, job_id, {"succeeded", "failed"})
     assert client.get("/jobs/" + "f" * 32).status_code == 404

@@ -17,7 +17,9 @@ from models_store.checkpoint import (
 )
 
 
-def make_checkpoint(store: CheckpointStore, model_id: str = "mnist_lenet5-1", task: str = "mnist_lenet5", **meta):
+def make_checkpoint(
+    store: CheckpointStore, model_id: str = "mnist_lenet5-1", task: str = "mnist_lenet5", **meta
+):
     tensors = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.zeros(3)}
     metadata = {"task": task, "created_at": meta.pop("created_at", "2026-11-29T00:00:00+00:00"), **meta}
     return store.save(model_id, tensors, metadata)
@@ -30,7 +32,10 @@ def test_save_then_load_round_trip(tmp_path):
     tensors, meta = store.load("mnist_lenet5-1")
     assert torch.equal(tensors["w"], torch.arange(12, dtype=torch.float32).reshape(3, 4))
     assert meta["classes"] == ["a", "b"] and len(meta["weights"]["sha256"]) == 64
-    assert sorted(os.listdir(tmp_path / "models" / "mnist_lenet5-1")) == ["metadata.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "models" / "mnist_lenet5-1")) == [
+        "metadata.json",
+        "model.safetensors",
+    ]
 
 
 def test_list_newest_first_and_newest_valid_of_task(tmp_path):

@@ -38,7 +38,9 @@ def test_loss_value_is_mean_ce_plus_reg():
     net = init_dense(12, 6, 4, std=0.5, generator=torch.Generator().manual_seed(1))
     loss, correct, _ = dense_forward_backward(net, x, y, reg=0.1)
     logits = net(x)
-    expected = torch.nn.functional.cross_entropy(logits, y) + 0.1 * (net.W1.square().sum() + net.W2.square().sum())
+    expected = torch.nn.functional.cross_entropy(logits, y) + 0.1 * (
+        net.W1.square().sum() + net.W2.square().sum()
+    )
     torch.testing.assert_close(loss, expected)
     assert correct.item() == (logits.argmax(1) == y).sum().item()
 

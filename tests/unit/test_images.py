@@ -35,7 +35,7 @@ def _mode_images() -> dict[str, tuple[Image.Image, str]]:
         "RGB": (Image.new("RGB", (16, 16), (10, 200, 30)), "PNG"),
         "RGBA": (Image.new("RGBA", (16, 16), (10, 200, 30, 255)), "PNG"),
         "CMYK": (Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG"),
-        "I;16": (Image.fromarray((gray.astype(np.uint16) * 257)), "PNG"),
+        "I;16": (Image.fromarray(gray.astype(np.uint16) * 257), "PNG"),
         "I": (Image.fromarray(gray.astype(np.int32) * 257), "TIFF"),
         "F": (Image.fromarray(gray.astype(np.float32) / 255), "TIFF"),
     }
@@ -83,7 +83,13 @@ def test_exif_orientation_is_applied_first():
 @pytest.mark.parametrize("fmt", ["GIF", "TIFF", "WEBP"])
 def test_multi_frame_uses_first_frame(fmt):
     frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
-    data = image_bytes(frames[0], fmt, save_all=True, append_images=frames[1:], **({"lossless": True} if fmt == "WEBP" else {}))
+    data = image_bytes(
+        frames[0],
+        fmt,
+        save_all=True,
+        append_images=frames[1:],
+        **({"lossless": True} if fmt == "WEBP" else {}),
+    )
     pixel = np.asarray(decode(data, "RGB"))[4, 4]
     assert pixel[0] > 200 and pixel[2] < 60
 
@@ -122,10 +128,17 @@ def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims width x height, with almost no pixel data (a decompression bomb)."""
 
     def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        return (
+            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 100))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_pixel_bomb_refused_before_decoding():

@@ -31,7 +31,9 @@ def test_resnet_preset_is_resize_256_center_crop_224():
     preset = PRESETS["hymenoptera_resnet18"]
     rng = np.random.default_rng(1)
     image = Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8))
-    reference = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.PILToTensor()])(image)
+    reference = transforms.Compose(
+        [transforms.Resize(256), transforms.CenterCrop(224), transforms.PILToTensor()]
+    )(image)
     ours = preset.to_uint8(image)
     assert ours.shape == (3, 224, 224) and ours.dtype == torch.uint8
     assert torch.equal(ours, reference)

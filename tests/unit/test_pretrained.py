@@ -41,7 +41,7 @@ def test_imagenet_weights_come_from_the_hub_cache(torch_home):
 
 
 def test_missing_imagenet_weights_without_download_say_where(torch_home):
-    with pytest.raises(PretrainedWeightsUnavailable, match="resnet18-f37072fd.pth"):
+    with pytest.raises(PretrainedWeightsUnavailable, match=r"resnet18-f37072fd\.pth"):
         resolve_weights("IMAGENET1K_V1", "none", None, allow_download=False)
 
 
@@ -86,7 +86,9 @@ def test_training_starts_from_the_imagenet_file_and_records_it(tmp_path, torch_h
         show_progress_bar=False,
         on_info=infos.append,
     )
-    result = run_training("hymenoptera_resnet18", {"epochs": 1, "batch_size": 8, "mode": "feature_extraction"}, ctx)
+    result = run_training(
+        "hymenoptera_resnet18", {"epochs": 1, "batch_size": 8, "mode": "feature_extraction"}, ctx
+    )
     assert result.extra_metadata["pretrained"]["name"] == "IMAGENET1K_V1"
     assert infos and infos[0]["weights"].startswith("IMAGENET1K_V1")
     assert torch.equal(result.tensors["layer4.1.conv2.weight"], state["layer4.1.conv2.weight"])

@@ -40,7 +40,9 @@ def test_recipe_learns(tmp_path, synthetic_data_dir, task):
 @pytest.mark.parametrize("mode", ["finetune", "feature_extraction"])
 def test_resnet_recipe_runs_both_modes(tmp_path, synthetic_data_dir, mode):
     result = run_training(
-        "hymenoptera_resnet18", {**QUICK["hymenoptera_resnet18"], "mode": mode}, context(tmp_path, synthetic_data_dir)
+        "hymenoptera_resnet18",
+        {**QUICK["hymenoptera_resnet18"], "mode": mode},
+        context(tmp_path, synthetic_data_dir),
     )
     assert result.classes == ["ants", "bees"]
     assert result.metrics[-1].val_accuracy is not None and result.metrics[-1].test_accuracy is None
@@ -68,7 +70,10 @@ def test_feature_extraction_trains_only_fc(tmp_path, synthetic_data_dir):
 
 @pytest.mark.parametrize("task", ["mnist_lenet5", "cifar10_dense"])
 def test_same_seed_same_metrics(tmp_path, synthetic_data_dir, task):
-    runs = [run_training(task, {**QUICK[task], "seed": 7}, context(tmp_path, synthetic_data_dir)) for _ in range(2)]
+    runs = [
+        run_training(task, {**QUICK[task], "seed": 7}, context(tmp_path, synthetic_data_dir))
+        for _ in range(2)
+    ]
     assert [m.model_dump(exclude={"duration_s", "images_per_s"}) for m in runs[0].metrics] == [
         m.model_dump(exclude={"duration_s", "images_per_s"}) for m in runs[1].metrics
     ]
@@ -94,9 +99,13 @@ def test_resume_continues_exactly(tmp_path, synthetic_data_dir, task):
         run_training(task, hp, stopping)
     assert resume.load().epoch == 1
     clear_memory_cache()
-    resumed = run_training(task, hp, context(tmp_path, synthetic_data_dir, resume=ResumeStore(tmp_path / "resume")))
+    resumed = run_training(
+        task, hp, context(tmp_path, synthetic_data_dir, resume=ResumeStore(tmp_path / "resume"))
+    )
     strip = {"duration_s", "images_per_s"}
-    assert [m.model_dump(exclude=strip) for m in resumed.metrics] == [m.model_dump(exclude=strip) for m in straight.metrics]
+    assert [m.model_dump(exclude=strip) for m in resumed.metrics] == [
+        m.model_dump(exclude=strip) for m in straight.metrics
+    ]
     for name, tensor in straight.tensors.items():
         torch.testing.assert_close(resumed.tensors[name], tensor)
 
@@ -116,7 +125,12 @@ def test_max_train_samples_is_a_fixed_subset(tmp_path, synthetic_data_dir):
 
 
 def test_pack_state_round_trip_keeps_int_keys():
-    state = {"optimizer": {"state": {0: {"momentum_buffer": torch.ones(2)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}}
+    state = {
+        "optimizer": {
+            "state": {0: {"momentum_buffer": torch.ones(2)}},
+            "param_groups": [{"lr": 0.1, "params": [0]}],
+        }
+    }
     tensors, skeleton = pack_state(state)
     import json
 

@@ -78,7 +78,11 @@ def dense_forward_backward(
 
 
 def sgd_update(
-    net: DenseNet, grads: dict[str, torch.Tensor], lr: float, momentum: float, velocity: dict[str, torch.Tensor]
+    net: DenseNet,
+    grads: dict[str, torch.Tensor],
+    lr: float,
+    momentum: float,
+    velocity: dict[str, torch.Tensor],
 ) -> None:
     """In place: W ← W − lr·dW, or with momentum v ← m v + dW, W ← W − lr v (PyTorch's SGD form)."""
     for name in PARAMS:

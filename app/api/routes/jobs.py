@@ -48,7 +48,9 @@ def create_job(
     """Validate and enqueue a job; a worker picks it up. Poll `GET /jobs/{id}` for progress."""
     payload = job.model_dump(mode="json")
     try:
-        record, created = jobs.create(job.task, payload["hyperparameters"], idempotency_key, request_hash(payload))
+        record, created = jobs.create(
+            job.task, payload["hyperparameters"], idempotency_key, request_hash(payload)
+        )
     except IdempotencyConflict as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     if created:
