@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, le=100, description="Deliveries of a job before it is failed as lost.")
     visibility_timeout_s: int = Field(
         43200,
-        ge=60,
+        ge=1,
         description=(
             "Redis transport visibility timeout, seconds. Kept long: lost workers are detected by the "
             "job lease, not by redelivery (celery#5935)."

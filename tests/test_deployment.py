@@ -35,17 +35,27 @@ def test_worker_reserves_the_gpu(compose):
 
 def test_redis_is_append_only_and_persisted(compose):
     redis = compose["services"]["redis"]
-    assert "--appendonly" in redis["command"] and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    assert (
+        "--appendonly" in redis["command"]
+        and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    )
     assert "redis-data:/data" in redis["volumes"]
 
 
 def test_named_volumes_for_models_data_and_torch_cache(compose):
     assert {"models", "data", "cache", "torch-cache", "redis-data"} <= set(compose["volumes"])
     worker_mounts = dict(v.split(":") for v in compose["services"]["worker"]["volumes"])
-    assert worker_mounts == {"models": "/models", "data": "/data", "cache": "/cache", "torch-cache": "/torch-cache"}
+    assert worker_mounts == {
+        "models": "/models",
+        "data": "/data",
+        "cache": "/cache",
+        "torch-cache": "/torch-cache",
+    }
     assert "models:/models" in compose["services"]["api"]["volumes"]
     env = compose["services"]["worker"]["environment"]
-    assert env["MODELS_DIR"] == "/models" and env["DATA_DIR"] == "/data" and env["TORCH_HOME"] == "/torch-cache"
+    assert (
+        env["MODELS_DIR"] == "/models" and env["DATA_DIR"] == "/data" and env["TORCH_HOME"] == "/torch-cache"
+    )
 
 
 def test_every_service_has_a_healthcheck(compose):
@@ -62,7 +72,11 @@ def test_api_keys_are_required(compose):
 
 
 def test_dockerfile_pins_the_same_torch_as_pyproject():
-    pins = [d for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"] if d.startswith("torch")]
+    pins = [
+        d
+        for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+        if d.startswith("torch")
+    ]
     dockerfile = (REPO / "Dockerfile.gpu").read_text()
     assert sorted(pins) == ["torch==2.14.1", "torchvision==0.29.1"]
     for pin in pins:

@@ -251,9 +251,10 @@ def _finish(store: JobStore, job_id: str, token: str, status: JobStatus, **field
 
 
 def _describe_error(exc: BaseException) -> str:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return f"out of memory on the training device: {exc}"
-    return f"{type(exc).__name__}: {exc}"
+    text = str(exc)
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in text:
+        return f"out of memory on the training device ({type(exc).__name__}): {text}"
+    return f"{type(exc).__name__}: {text}"
 
 
 def _release_device_memory(device: torch.device) -> None:
