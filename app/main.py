@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
+import anyio
 import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.checkpoints = checkpoints
         app.state.registry = ModelRegistry(checkpoints, settings.model_cache_size)
         app.state.celery = make_celery(settings)
+        app.state.inference_slots = anyio.Semaphore(settings.inference_concurrency)
         log.info("API ready: Redis %s, models in %s", redact_url(settings.redis_url), settings.models_dir)
         yield
         client.close()

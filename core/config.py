@@ -8,7 +8,9 @@ the cache after changing the environment.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -49,6 +51,14 @@ class Settings(BaseSettings):
         "training",
         pattern=r"^[A-Za-z0-9_.-]{1,64}$",
         description="Name of the Celery queue that carries training jobs.",
+    )
+
+    celery_transport_options: Annotated[dict[str, int | float | str | bool], NoDecode] = Field(
+        default_factory=dict,
+        description=(
+            "Extra kombu Redis transport options as JSON, merged over the defaults, e.g. "
+            '{"unacked_restore_interval": 1}.'
+        ),
     )
 
     data_dir: Path = Field(Path("data"), description="Where datasets are looked for (standard layouts).")
@@ -110,6 +120,12 @@ class Settings(BaseSettings):
     inference_threads: int = Field(
         1, ge=1, le=64, description="torch intra-op threads per inference call in the API."
     )
+    inference_concurrency: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        le=256,
+        description="Images decoded and classified at once by the API; more requests wait their turn.",
+    )
 
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -123,6 +139,11 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("celery_transport_options", mode="before")
+    @classmethod
+    def _parse_json(cls, value: object) -> object:
+        return json.loads(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_secure(self) -> Settings:

@@ -44,6 +44,7 @@ def make_celery(settings: Settings) -> Celery:
             "socket_connect_timeout": timeout,
             "socket_timeout": max(timeout, 5.0),
             "global_keyprefix": f"{settings.redis_prefix}:celery:",
+            **settings.celery_transport_options,
         },
     )
     return app

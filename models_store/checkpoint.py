@@ -14,6 +14,7 @@ as invalid and refused.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -111,6 +112,7 @@ class CheckpointStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._verified: dict[str, tuple[tuple, str | None]] = {}
+        self._metadata: dict[str, tuple[tuple, object]] = {}
         self._lock = Lock()
 
     def save(self, model_id: str, tensors: dict[str, torch.Tensor], metadata: dict) -> CheckpointInfo:
@@ -218,7 +220,7 @@ class CheckpointStore:
     def _inspect(self, model_id: str, path: Path) -> CheckpointInfo:
         info = CheckpointInfo(model_id=model_id, path=path)
         try:
-            metadata = json.loads((path / METADATA_FILE).read_text())
+            metadata = self._read_metadata(path / METADATA_FILE)
             stat = (path / WEIGHTS_FILE).stat()
         except (OSError, ValueError) as exc:
             info.error = f"unreadable checkpoint: {exc}"
@@ -233,6 +235,20 @@ class CheckpointStore:
         info.error = self._verify_cached(info, signature)
         info.valid = info.error is None
         return info
+
+    def _read_metadata(self, path: Path) -> object:
+        """Parsed metadata.json, re-read only when the file changes (listing on every request)."""
+        stat = path.stat()
+        signature = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        key = str(path)
+        with self._lock:
+            cached = self._metadata.get(key)
+        if cached and cached[0] == signature:
+            return copy.deepcopy(cached[1])
+        metadata = json.loads(path.read_bytes())
+        with self._lock:
+            self._metadata[key] = (signature, metadata)
+        return copy.deepcopy(metadata)
 
     def _verify_cached(self, info: CheckpointInfo, signature: tuple) -> str | None:
         """sha256 check, remembered per weights file (size, mtime, inode) and expected hash."""

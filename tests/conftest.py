@@ -144,7 +144,8 @@ def make_stack(tmp_path, redis_url) -> Iterator[Callable[..., Stack]]:
     stacks: list[Stack] = []
 
     def make(**overrides: object) -> Stack:
-        stack = Stack(tmp_path / f"stack{len(stacks)}", redis_url, **overrides)
+        url = str(overrides.pop("redis_url", redis_url))
+        stack = Stack(tmp_path / f"stack{len(stacks)}", url, **overrides)
         stacks.append(stack)
         return stack
 
@@ -240,14 +241,84 @@ class WorkerProcess:
 def start_worker() -> Iterator[Callable[..., WorkerProcess]]:
     workers: list[WorkerProcess] = []
 
-    def start(stack: Stack, **kwargs) -> WorkerProcess:
+    def start(stack: Stack, preexec: Callable[[], None] | None = None, **kwargs) -> WorkerProcess:
         worker = WorkerProcess(stack, **kwargs)
         workers.append(worker)
-        return worker.start()
+        return worker.start(preexec=preexec)
 
     yield start
     for worker in workers:
         worker.stop()
+
+
+class ApiProcess:
+    """A real uvicorn process serving the API of a stack (for restart and streaming tests)."""
+
+    def __init__(self, stack: Stack, port: int | None = None):
+        self.stack = stack
+        self.port = port or free_port()
+        self.process: subprocess.Popen | None = None
+        self.log_path = stack.root / f"api-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ApiProcess:
+        import httpx
+
+        self.stack.root.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.stack.env}
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:create_app",
+            "--factory",
+            "--port",
+            str(self.port),
+        ]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"API did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def start_api() -> Iterator[Callable[..., ApiProcess]]:
+    apis: list[ApiProcess] = []
+
+    def start(stack: Stack, **kwargs) -> ApiProcess:
+        api = ApiProcess(stack, **kwargs)
+        apis.append(api)
+        return api.start()
+
+    yield start
+    for api in apis:
+        api.stop()
 
 
 @contextmanager

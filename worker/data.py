@@ -40,6 +40,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.datasets.mnist import read_image_file, read_label_file
@@ -294,8 +295,6 @@ def _read_cache(cache_file: Path) -> ImageDataset | None:
     if not cache_file.is_file():
         return None
     try:
-        from safetensors import safe_open
-
         with safe_open(str(cache_file), framework="pt") as f:
             meta = f.metadata()
         tensors = load_file(str(cache_file))
@@ -319,7 +318,7 @@ def _write_cache(cache_file: Path, dataset: ImageDataset) -> None:
         meta = {"classes": json.dumps(dataset.classes), "source": dataset.source}
         save_file({"images": dataset.images, "labels": dataset.labels}, tmp, metadata=meta)
         os.replace(tmp, cache_file)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # a full disk only costs the cache
         log.warning("could not write dataset cache %s: %s", cache_file, exc)
         if tmp:
             Path(tmp).unlink(missing_ok=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from core.jobs import EpochMetrics
@@ -104,7 +104,7 @@ class ResumeStore:
             save_file(tensors, tmp, metadata=meta)
             os.replace(tmp, self.path)
             return True
-        except (OSError, RuntimeError, ValueError) as exc:
+        except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
             log.warning("could not save resume state to %s: %s", self.path, exc)
             if tmp:
                 Path(tmp).unlink(missing_ok=True)

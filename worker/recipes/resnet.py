@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -105,7 +106,7 @@ class ResNetRecipe:
             tmp = cache_file.with_suffix(".tmp")
             save_file({"train": train_features.cpu(), "val": val_features.cpu()}, str(tmp))
             tmp.replace(cache_file)
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:
             log.warning("could not write feature cache %s: %s", cache_file, exc)
         return train_features, val_features
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, UploadFile, status
+from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile, status
+from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import RegistryDep, SettingsDep
 from app.images import InvertChoice, open_upload
-from app.inference import predict
+from app.inference import ModelRegistry, predict
 from app.metrics import PREDICTION_SECONDS
 from app.schemas import ClassProbability, PredictionPublic
+from core.config import Settings
 from core.hyperparams import TaskName
 from models_store.checkpoint import MODEL_ID_PATTERN
 
@@ -31,7 +33,8 @@ router = APIRouter(tags=["predict"])
         422: {"description": "Corrupt image, bad model_id, top_k out of bounds, neither task nor model_id."},
     },
 )
-def predict_image(
+async def predict_image(
+    request: Request,
     file: Annotated[UploadFile, File(description="The image: any format and mode Pillow reads.")],
     registry: RegistryDep,
     settings: SettingsDep,
@@ -46,15 +49,32 @@ def predict_image(
         Form(description="MNIST only: invert to white-on-black; `auto` inverts when the border is light."),
     ] = "auto",
 ) -> PredictionPublic:
-    """Top-k class probabilities. Preprocessing is the checkpoint's own evaluation preset."""
+    """Top-k class probabilities. Preprocessing is the checkpoint's own evaluation preset.
+
+    Decoding and inference run in worker threads, at most INFERENCE_CONCURRENCY at a time (first
+    come, first served), so a burst of requests queues instead of thrashing the CPU.
+    """
     if not task and not model_id:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "give either task or model_id")
-    data = file.file.read(settings.max_upload_bytes + 1)
+    data = await file.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         raise HTTPException(
             status.HTTP_413_CONTENT_TOO_LARGE,
             f"the file is larger than the limit of {settings.max_upload_bytes} bytes",
         )
+    async with request.app.state.inference_slots:
+        return await run_in_threadpool(_classify, registry, settings, data, model_id, task, top_k, invert)
+
+
+def _classify(
+    registry: ModelRegistry,
+    settings: Settings,
+    data: bytes,
+    model_id: str | None,
+    task: str | None,
+    top_k: int,
+    invert: InvertChoice,
+) -> PredictionPublic:
     image, info = open_upload(data, settings.max_image_pixels)
     try:
         checkpoint = registry.resolve(model_id, task)

@@ -1,0 +1,294 @@
+"""Bad input gets a clear 4xx and changes nothing: uploads, job requests, ids, auth, CORS."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import api_client
+from tests.factories import image_bytes
+from tests.factories_models import make_model_checkpoint
+from tests.unit.test_images import png_header_only
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def lenet_stack(stack):
+    model_id = make_model_checkpoint(stack.settings().models_dir, "mnist_lenet5")
+    return stack, model_id
+
+
+def digit_png() -> bytes:
+    return image_bytes(Image.fromarray(np.zeros((28, 28), dtype=np.uint8)), "PNG")
+
+
+def noise_png() -> bytes:
+    return image_bytes(
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)), "PNG"
+    )
+
+
+def post_image(client, data: bytes, **form):
+    return client.post(
+        "/predict", files={"file": ("upload.bin", data)}, data={"task": "mnist_lenet5", **form}
+    )
+
+
+# Uploads -------------------------------------------------------------------------------------
+
+
+def test_good_upload_then_bad_uploads_never_touch_the_model(lenet_stack):
+    stack, model_id = lenet_stack
+    with api_client(stack) as client:
+        registry = client.app.state.registry
+        cases = [
+            (b"", 400, "empty"),
+            (b"hello, I am text", 415, "not an image"),
+            (noise_png()[:600], 422, "corrupt"),
+            (png_header_only(20_000, 20_000), 413, "pixels"),
+        ]
+        for data, status, words in cases:
+            response = post_image(client, data)
+            assert response.status_code == status, response.text
+            assert words in response.json()["detail"]
+            assert registry.cached_ids() == []
+        ok = post_image(client, digit_png())
+        assert ok.status_code == 200 and ok.json()["model_id"] == model_id
+        assert registry.cached_ids() == [model_id]
+
+
+def test_upload_over_byte_limit_is_413(make_stack):
+    stack = make_stack(max_upload_bytes=4096)
+    make_model_checkpoint(stack.settings().models_dir)
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128), dtype=np.uint8)
+    big = image_bytes(Image.fromarray(noise), "PNG")
+    assert 4096 < len(big) < 4096 + 64 * 1024  # under the body limit: the file-size check answers
+    with api_client(stack) as client:
+        response = post_image(client, big)
+        assert response.status_code == 413 and "limit" in response.json()["detail"]
+        huge = b"\x89PNG" + b"\x00" * (200 * 1024)
+        response = post_image(client, huge)
+        assert response.status_code == 413
+
+
+def test_top_k_bounds_and_clamping(lenet_stack):
+    stack, _ = lenet_stack
+    with api_client(stack) as client:
+        for bad in (0, -1, 101, "x"):
+            response = post_image(client, digit_png(), top_k=bad)
+            assert response.status_code == 422 and response.json()["detail"][0]["loc"][-1] == "top_k"
+        body = post_image(client, digit_png(), top_k=100).json()
+        assert len(body["predictions"]) == 10
+        assert sum(p["probability"] for p in body["predictions"]) == pytest.approx(1, abs=1e-5)
+
+
+@pytest.mark.parametrize("bad_id", ["../../etc/passwd", "a/b", ".hidden", "x" * 200, "Upper", "a.b", "a b"])
+def test_invalid_model_id_is_422(lenet_stack, bad_id):
+    stack, _ = lenet_stack
+    with api_client(stack) as client:
+        response = client.post("/predict", files={"file": ("d.png", digit_png())}, data={"model_id": bad_id})
+        assert response.status_code == 422
+        assert client.get(f"/models/{bad_id}").status_code in (404, 422)
+
+
+def test_unknown_model_and_missing_task(lenet_stack):
+    stack, _ = lenet_stack
+    with api_client(stack) as client:
+        response = client.post(
+            "/predict", files={"file": ("d.png", digit_png())}, data={"model_id": "nope-123"}
+        )
+        assert response.status_code == 404 and "nope-123" in response.json()["detail"]
+        response = client.post(
+            "/predict", files={"file": ("d.png", digit_png())}, data={"task": "cifar10_dense"}
+        )
+        assert response.status_code == 404 and "no trained cifar10_dense model" in response.json()["detail"]
+        response = client.post("/predict", files={"file": ("d.png", digit_png())})
+        assert response.status_code == 422
+        response = client.post("/predict", files={"file": ("d.png", digit_png())}, data={"task": "nope"})
+        assert response.status_code == 422
+        assert client.get("/models/nope-123").status_code == 404
+
+
+def test_model_id_of_another_task_is_refused(lenet_stack):
+    stack, model_id = lenet_stack
+    with api_client(stack) as client:
+        response = client.post(
+            "/predict",
+            files={"file": ("d.png", digit_png())},
+            data={"model_id": model_id, "task": "cifar10_dense"},
+        )
+        assert response.status_code == 422 and "mnist_lenet5" in response.json()["detail"]
+
+
+def test_tampered_checkpoint_is_listed_invalid_and_refused(stack):
+    models_dir = stack.settings().models_dir
+    older = make_model_checkpoint(models_dir, seed=1)
+    newer = make_model_checkpoint(models_dir, seed=2)
+    weights = models_dir / newer / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with api_client(stack) as client:
+        listed = {m["id"]: m for m in client.get("/models").json()["data"]}
+        assert listed[newer]["valid"] is False and "sha256" in listed[newer]["error"]
+        assert listed[older]["valid"] is True
+        response = client.post("/predict", files={"file": ("d.png", digit_png())}, data={"model_id": newer})
+        assert response.status_code == 409 and "verification" in response.json()["detail"]
+        fallback = post_image(client, digit_png())
+        assert fallback.status_code == 200 and fallback.json()["model_id"] == older
+        assert newer not in client.app.state.registry.cached_ids()
+
+
+def test_checkpoint_changed_after_loading_is_reverified(lenet_stack):
+    stack, model_id = lenet_stack
+    with api_client(stack) as client:
+        assert post_image(client, digit_png()).status_code == 200
+        weights = stack.settings().models_dir / model_id / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-8])
+        response = client.post(
+            "/predict", files={"file": ("d.png", digit_png())}, data={"model_id": model_id}
+        )
+        assert response.status_code == 409
+
+
+# Job requests --------------------------------------------------------------------------------
+
+BAD_JOBS = [
+    ({"task": "nope"}, "cifar10_dense"),
+    ({"task": "mnist_lenet5", "hyperparameters": {"epochs": 10**9}}, "epochs"),
+    ({"task": "mnist_lenet5", "hyperparameters": {"epochs": 0}}, "epochs"),
+    ({"task": "mnist_lenet5", "hyperparameters": {"epochs": "10"}}, "epochs"),
+    ({"task": "mnist_lenet5", "hyperparameters": {"epochs": 2.5}}, "epochs"),
+    ({"task": "mnist_lenet5", "hyperparameters": {"lr": -0.1}}, "lr"),
+    ({"task": "mnist_lenet5", "hyperparameters": {"lr": "NaN"}}, "lr"),
+    ({"task": "mnist_lenet5", "hyperparameters": {"momentum": 1.5}}, "momentum"),
+    ({"task": "mnist_lenet5", "hyperparameters": {"batch_size": 100000}}, "batch_size"),
+    (
+        {"task": "mnist_lenet5", "hyperparameters": {"batch_size": 128, "max_train_samples": 64}},
+        "max_train_samples",
+    ),
+    ({"task": "mnist_lenet5", "hyperparameters": {"lerning_rate": 0.1}}, "lerning_rate"),
+    ({"task": "mnist_lenet5", "hyperparameters": {"reg": 0.1}}, "reg"),
+    ({"task": "mnist_lenet5", "hyperparameters": {"seed": -1}}, "seed"),
+    ({"task": "mnist_lenet5", "extra": 1}, "extra"),
+    ({"task": "cifar10_dense", "hyperparameters": {"init_std": 0}}, "init_std"),
+    ({"task": "cifar10_dense", "hyperparameters": {"hidden_size": 10**6}}, "hidden_size"),
+    ({"task": "hymenoptera_resnet18", "hyperparameters": {"mode": "both"}}, "mode"),
+    ({"task": "hymenoptera_resnet18", "hyperparameters": {"weights": "/etc/passwd"}}, "weights"),
+    ({"task": "hymenoptera_resnet18", "hyperparameters": {"epochs": True}}, "epochs"),
+]
+
+
+@pytest.mark.parametrize(("payload", "field"), BAD_JOBS)
+def test_bad_job_request_is_422_naming_the_field_and_enqueues_nothing(stack, payload, field):
+    with api_client(stack) as client:
+        response = client.post("/jobs", json=payload)
+        assert response.status_code == 422, response.text
+        assert field in response.text
+        assert client.get("/jobs").json()["count"] == 0
+    queue_key = f"{stack.env['REDIS_PREFIX']}:celery:{stack.env['CELERY_QUEUE']}"
+    assert stack.redis().llen(queue_key) == 0
+
+
+def test_non_json_and_oversized_job_bodies(stack):
+    with api_client(stack) as client:
+        response = client.post("/jobs", content=b"{not json", headers={"content-type": "application/json"})
+        assert response.status_code == 422
+        response = client.post(
+            "/jobs", content=b" " * (2 * 1024 * 1024), headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 413
+
+
+def test_idempotency_key_returns_the_same_job(stack):
+    body = {"task": "mnist_lenet5", "hyperparameters": {"epochs": 1}}
+    with api_client(stack) as client:
+        first = client.post("/jobs", json=body, headers={"Idempotency-Key": "abc-123"})
+        second = client.post("/jobs", json=body, headers={"Idempotency-Key": "abc-123"})
+        assert first.status_code == second.status_code == 202
+        assert first.json()["id"] == second.json()["id"] and second.headers["idempotent-replayed"] == "true"
+        conflict = client.post(
+            "/jobs", json={**body, "hyperparameters": {"epochs": 2}}, headers={"Idempotency-Key": "abc-123"}
+        )
+        assert conflict.status_code == 409
+        assert client.get("/jobs").json()["count"] == 1
+    queue_key = f"{stack.env['REDIS_PREFIX']}:celery:{stack.env['CELERY_QUEUE']}"
+    assert stack.redis().llen(queue_key) == 1
+
+
+# Access --------------------------------------------------------------------------------------
+
+KEY = "k" * 24
+
+
+def test_api_keys_guard_everything_but_probes_and_docs(make_stack):
+    stack = make_stack(api_keys=[KEY, "second-key-0123456789"], environment="production")
+    make_model_checkpoint(stack.settings().models_dir)
+    with api_client(stack) as client:
+        for path in ("/healthz", "/readyz", "/docs", "/openapi.json"):
+            assert client.get(path).status_code == 200, path
+        protected = [("GET", "/jobs"), ("GET", "/models"), ("GET", "/metrics"), ("GET", "/jobs/" + "a" * 32)]
+        for method, path in protected:
+            assert client.request(method, path).status_code == 401
+            wrong = client.request(method, path, headers={"Authorization": "Bearer " + "x" * 24})
+            assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+        assert client.post("/jobs", json={"task": "mnist_lenet5"}).status_code == 401
+        assert post_image(client, digit_png()).status_code == 401
+        auth = {"Authorization": f"Bearer {KEY}"}
+        assert client.get("/jobs", headers=auth).status_code == 200
+        assert (
+            client.get("/models", headers={"Authorization": "Bearer second-key-0123456789"}).status_code
+            == 200
+        )
+        assert post_image(client, digit_png(), **{}).status_code == 401
+        ok = client.post(
+            "/predict", files={"file": ("d.png", digit_png())}, data={"task": "mnist_lenet5"}, headers=auth
+        )
+        assert ok.status_code == 200
+        schema = client.get("/openapi.json").json()
+        assert schema["components"]["securitySchemes"]["APIKey"] == {
+            "type": "http",
+            "scheme": "bearer",
+            "description": schema["components"]["securitySchemes"]["APIKey"]["description"],
+        }
+        assert schema["paths"]["/jobs"]["post"]["security"] == [{"APIKey": []}]
+        assert "security" not in schema["paths"]["/healthz"]["get"]
+
+
+def test_no_keys_outside_development_refuses_to_start(make_stack):
+    from app.main import create_app
+
+    stack = make_stack(environment="production")
+    with pytest.raises(RuntimeError, match="API_KEYS is empty"):
+        create_app(stack.settings())
+
+
+def test_no_keys_in_development_warns(stack, caplog):
+    with caplog.at_level(logging.WARNING), api_client(stack) as client:
+        assert client.get("/jobs").status_code == 200
+    assert any("authentication is OFF" in r.message for r in caplog.records)
+
+
+def test_short_keys_are_refused(make_stack):
+    with pytest.raises(ValueError, match="16 characters"):
+        make_stack(api_keys=["short"]).settings()
+
+
+def test_cors_off_by_default_and_configurable(make_stack):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    with api_client(make_stack()) as client:
+        assert (
+            "access-control-allow-origin"
+            not in client.get("/healthz", headers={"Origin": "https://app.example"}).headers
+        )
+        assert client.options("/jobs", headers=preflight).status_code in (405, 400)
+    with api_client(make_stack(cors_origins=["https://app.example"])) as client:
+        response = client.options("/jobs", headers=preflight)
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == "https://app.example"
+        other = client.get("/healthz", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
