@@ -88,6 +88,11 @@ def resnet18_classifier(num_classes: int = 2) -> nn.Module:
 def build_model(task: str, architecture: dict) -> nn.Module:
     """Build an uninitialised model of ``task`` from a checkpoint's ``architecture`` dict.
 
+    The convolutional nets come in channels-last memory format, in training and in serving alike
+    (same maths; oneDNN's channels-last convolution and pooling kernels are ~1.2x faster for
+    LeNet-5 on CPU, and cuDNN's on GPU). Keeping one layout everywhere keeps served
+    probabilities bitwise equal to the ones evaluation computed.
+
     Raises:
         ValueError: unknown task.
         TypeError: ``architecture`` has unexpected keys.
@@ -95,7 +100,7 @@ def build_model(task: str, architecture: dict) -> nn.Module:
     if task == "cifar10_dense":
         return DenseNet(**architecture)
     if task == "mnist_lenet5":
-        return LeNet5(**architecture)
+        return LeNet5(**architecture).to(memory_format=torch.channels_last)
     if task == "hymenoptera_resnet18":
-        return resnet18_classifier(**architecture)
+        return resnet18_classifier(**architecture).to(memory_format=torch.channels_last)
     raise ValueError(f"unknown task {task!r}")

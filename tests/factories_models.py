@@ -42,7 +42,7 @@ def make_model_checkpoint(models_dir: Path, task: str = "mnist_lenet5", seed: in
     metrics = [
         EpochMetrics(epoch=1, lr=0.1, train_loss=1.0, train_accuracy=0.5, duration_s=1.0, images_per_s=1.0)
     ]
-    result = TrainingResult(dict(model.state_dict()), architecture, classes, metrics)
+    result = TrainingResult(dict(model.state_dict()), architecture, classes, metrics, train_size=1)
     return save_checkpoint(
         CheckpointStore(models_dir), record, result, torch.device("cpu"), TrainingContext()
     )

@@ -32,7 +32,7 @@ import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -415,17 +415,22 @@ def _decode_folder(source: _FolderSource, split: str, preset: Preset) -> ImageDa
     chunk_size = max(64, min(5000, len(names) // ((os.cpu_count() or 1) * 4) + 1))
     chunks = [names[i : i + chunk_size] for i in range(0, len(names), chunk_size)]
     args = [(source, chunk, preset.to_dict()) for chunk in chunks]
+    height, width = preset.input_size
+    images = np.empty((len(names), preset.channels, height, width), dtype=np.uint8)
     workers = min(len(chunks), os.cpu_count() or 1)
-    if workers > 1:
-        with (
-            _child_processes_allowed(),
-            ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool,
-        ):
-            arrays = list(pool.map(_decode_chunk, *zip(*args, strict=True)))
-    else:
-        arrays = [_decode_chunk(*a) for a in args]
+    with ExitStack() as stack:
+        if workers > 1:
+            stack.enter_context(_child_processes_allowed())
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")))
+            arrays = pool.map(_decode_chunk, *zip(*args, strict=True))
+        else:
+            arrays = (_decode_chunk(*a) for a in args)
+        start = 0
+        for array in arrays:  # copied into place chunk by chunk: peak memory ~ one copy of the split
+            images[start : start + len(array)] = array
+            start += len(array)
     return ImageDataset(
-        images=torch.from_numpy(np.concatenate(arrays)),
+        images=torch.from_numpy(images),
         labels=torch.tensor([label for _, label in members], dtype=torch.int64),
         classes=classes,
         source=f"{_describe(source)}/{split}",

@@ -105,12 +105,14 @@ class EpochStats:
 
 @dataclass
 class TrainingResult:
-    """A finished training: the checkpoint's tensors and metadata, and the metrics."""
+    """A finished training: the checkpoint's tensors and metadata, the metrics, and the number of
+    training images per epoch."""
 
     tensors: dict[str, torch.Tensor]
     architecture: dict
     classes: list[str]
     metrics: list[EpochMetrics]
+    train_size: int = 0
     extra_metadata: dict = field(default_factory=dict)
 
 
@@ -253,6 +255,8 @@ def run_training(task: str, hyperparameters: dict | Hyperparameters, ctx: Traini
         else parse_hyperparameters(task, hyperparameters)
     )
     preset = PRESETS[task]
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     torch.manual_seed(hp.seed)
     ctx.on_progress(JobProgress(epochs=hp.epochs, stage="loading_data"))
     recipe = recipe_for(task, hp, ctx)
@@ -279,6 +283,7 @@ def run_training(task: str, hyperparameters: dict | Hyperparameters, ctx: Traini
         architecture=architecture,
         classes=recipe.classes,
         metrics=metrics,
+        train_size=recipe.train_size,
         extra_metadata=extra,
     )
 

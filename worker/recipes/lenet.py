@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from core.hyperparams import LeNetHyperparameters
-from models_store.architectures import LeNet5
+from models_store.architectures import build_model
 from models_store.presets import PRESETS
 from worker.recipes.common import DeviceSplit, sgd_epoch
 from worker.training import BatchLoop, EpochStats, TrainingContext, evaluate_accuracy
@@ -29,7 +29,7 @@ class LeNetRecipe:
         self.train = DeviceSplit.from_dataset(train, device, self.hp.max_train_samples, self.hp.seed)
         self.test = DeviceSplit.from_dataset(test, device)
         self.train_size = len(self.train)
-        self.model = LeNet5(num_classes=len(self.classes)).to(device)
+        self.model = build_model(TASK, {"num_classes": len(self.classes)}).to(device)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
             lr=self.hp.lr,

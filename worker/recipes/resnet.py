@@ -9,8 +9,7 @@
   mode; see bench/README.md for how the two compare.
 
 Inputs use the task preset: Resize(256), CenterCrop(224), ImageNet mean/std, for train and val.
-On every device the model and batches are channels-last (faster convolutions in oneDNN and cuDNN;
-the same maths).
+The model is channels-last on every device (``build_model``), in training and serving alike.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core.hyperparams import ResNetHyperparameters
-from models_store.architectures import resnet18_classifier
+from models_store.architectures import build_model
 from models_store.presets import PRESETS
 from worker.pretrained import load_backbone, resolve_weights
 from worker.recipes.common import DeviceSplit, sgd_epoch
@@ -61,9 +60,9 @@ class ResNetRecipe:
         self.train = DeviceSplit.from_dataset(train, device, self.hp.max_train_samples, self.hp.seed)
         self.val = DeviceSplit.from_dataset(val, device)
         self.train_size = len(self.train)
-        model = resnet18_classifier(num_classes=len(self.classes))
+        model = build_model(TASK, {"num_classes": len(self.classes)})
         load_backbone(model, weights)
-        self.model = model.to(device, memory_format=torch.channels_last)
+        self.model = model.to(device)
         if self.hp.mode == "finetune":
             params = self.model.parameters()
         else:
@@ -80,8 +79,7 @@ class ResNetRecipe:
     # fine-tuning ------------------------------------------------------------------------------
 
     def _image_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.preset.normalize(self.train.images[idx]).contiguous(memory_format=torch.channels_last)
-        return x, self.train.labels[idx]
+        return self.preset.normalize(self.train.images[idx]), self.train.labels[idx]
 
     # feature extraction -----------------------------------------------------------------------
 
@@ -119,7 +117,7 @@ class ResNetRecipe:
             with torch.inference_mode():
                 for start in range(0, len(images), EVAL_BATCH):
                     x = self.preset.normalize(images[start : start + EVAL_BATCH])
-                    out.append(self.model(x.contiguous(memory_format=torch.channels_last)))
+                    out.append(self.model(x))
         finally:
             self.model.fc = fc
         return torch.cat(out).clone()
@@ -139,13 +137,7 @@ class ResNetRecipe:
             return evaluate_accuracy(
                 self.model.fc, self.val_features, self.val.labels, _IdentityPreset(), len(self.val)
             )
-        return evaluate_accuracy(
-            lambda x: self.model(x.contiguous(memory_format=torch.channels_last)),
-            self.val.images,
-            self.val.labels,
-            self.preset,
-            EVAL_BATCH,
-        )
+        return evaluate_accuracy(self.model, self.val.images, self.val.labels, self.preset, EVAL_BATCH)
 
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
