@@ -56,6 +56,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--resnet-weights", default="none", choices=["none", "IMAGENET1K_V1", "local"])
     parser.add_argument("--skip-reference", action="store_true", help="only the product runs")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="also train seeds 1..N-1 (reference and warm product) and report the mean accuracy",
+    )
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -198,6 +204,15 @@ def summarize(task: str, mode: str | None, runs: dict) -> dict:
         "product_peak_rss_mb": max(cold["peak_rss_mb"], warm["peak_rss_mb"]),
         "product_gpu_peak_mb": warm["gpu_peak_mb"],
     }
+    for impl, first in (("reference", "reference"), ("product", "warm")):
+        accuracies = [
+            run["eval_accuracy"]
+            for key, run in runs.items()
+            if key == first or key.startswith(f"{first}_seed")
+        ]
+        if len(accuracies) > 1:
+            row[f"{impl}_eval_acc_seeds"] = accuracies
+            row[f"{impl}_eval_acc_mean"] = sum(accuracies) / len(accuracies)
     if ref:
         row.update(
             {
@@ -283,12 +298,27 @@ def main() -> int:
         runs["cold"] = measure({**base, "impl": "product"})
         print(f"[{label}] product, warm ...", flush=True)
         runs["warm"] = measure({**base, "impl": "product"})
+        for seed in range(1, args.seeds):
+            seeded = {**base, "hyperparameters": {**hp, "seed": seed}}
+            print(f"[{label}] seed {seed} ...", flush=True)
+            if not args.skip_reference:
+                runs[f"reference_seed{seed}"] = measure({**seeded, "impl": "reference"})
+            runs[f"warm_seed{seed}"] = measure({**seeded, "impl": "product"})
         report["runs"].append({"task": task, "mode": mode, "hyperparameters": hp, **runs})
         report["rows"].append(summarize(task, mode, runs))
     print()
     box = report["machine"]
     print(f"{report['date']}  {box['cpu']} ({box['cpus']} CPUs), GPU {box['gpu']}, torch {box['torch']}")
     print_table(report["rows"])
+    for row in report["rows"]:
+        if "product_eval_acc_seeds" in row:
+            ref_seeds = ", ".join(f"{a:.2%}" for a in row.get("reference_eval_acc_seeds", []))
+            prod_seeds = ", ".join(f"{a:.2%}" for a in row["product_eval_acc_seeds"])
+            print(
+                f"{row['task']} {row['mode']}: test/val accuracy by seed: reference [{ref_seeds}] "
+                f"mean {row.get('reference_eval_acc_mean', float('nan')):.2%}; product [{prod_seeds}] "
+                f"mean {row['product_eval_acc_mean']:.2%}"
+            )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"benchmark-{started:%Y%m%d-%H%M%S}.json"
     out.write_text(json.dumps(report, indent=2))

@@ -104,8 +104,9 @@ class JobRecord(BaseModel):
     timings: dict[str, float] = Field(
         default_factory=dict,
         description=(
-            "Seconds spent: data_s (loading/decoding data), train_s, eval_s, checkpoint_s, total_s "
-            "(start to end of the last attempt)."
+            "Seconds spent: data_s (loading/decoding data), features_s (ResNet18 feature extraction: "
+            "frozen-backbone features), train_s, eval_s, checkpoint_s, total_s (start to end of the last "
+            "attempt)."
         ),
         examples=[{"data_s": 1.2, "train_s": 61.0, "eval_s": 3.1, "checkpoint_s": 0.1, "total_s": 66.0}],
     )

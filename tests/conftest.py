@@ -165,7 +165,28 @@ def synthetic_data_dir(tmp_path_factory) -> Path:
     return make_synthetic_data(tmp_path_factory.mktemp("synthetic") / "data")
 
 
-class WorkerProcess:
+class ChildProcess:
+    """A service process started in its own session, so that it and its children stop together."""
+
+    process: subprocess.Popen | None = None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (e.g. a worker and its pool child), as a crash would."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM (warm shutdown), then SIGKILL after 20 s."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class WorkerProcess(ChildProcess):
     """A real ``celery worker`` process of a stack (prefork, concurrency 1)."""
 
     def __init__(self, stack: Stack, name: str | None = None, extra_env: dict[str, str] | None = None):
@@ -222,20 +243,6 @@ class WorkerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def kill(self) -> None:
-        """SIGKILL the whole worker (main process and pool child), as a crash or OOM killer would."""
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
 
 @pytest.fixture
 def start_worker() -> Iterator[Callable[..., WorkerProcess]]:
@@ -251,7 +258,7 @@ def start_worker() -> Iterator[Callable[..., WorkerProcess]]:
         worker.stop()
 
 
-class ApiProcess:
+class ApiProcess(ChildProcess):
     """A real uvicorn process serving the API of a stack (for restart and streaming tests)."""
 
     def __init__(self, stack: Stack, port: int | None = None):
@@ -292,19 +299,6 @@ class ApiProcess:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"API did not start:\n{self.log_path.read_text()}")
             time.sleep(0.1)
-
-    def kill(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from PIL import Image
 from tests.conftest import api_client
 from tests.factories import image_bytes
 from tests.factories_models import make_model_checkpoint
-from tests.unit.test_images import png_header_only
+from tests.unit.test_images import _mode_images, png_header_only
 
 pytestmark = pytest.mark.integration
 
@@ -59,6 +59,26 @@ def test_good_upload_then_bad_uploads_never_touch_the_model(lenet_stack):
         ok = post_image(client, digit_png())
         assert ok.status_code == 200 and ok.json()["model_id"] == model_id
         assert registry.cached_ids() == [model_id]
+
+
+@pytest.mark.parametrize("name", list(_mode_images()))
+def test_every_pil_mode_is_classified_by_every_task(stack, name):
+    """Each mode reaches each task's preset (RGB for CIFAR-10 and ResNet18, L for MNIST)."""
+    image, fmt = _mode_images()[name]
+    models_dir = stack.settings().models_dir
+    ids = {
+        task: make_model_checkpoint(models_dir, task)
+        for task in ("mnist_lenet5", "cifar10_dense", "hymenoptera_resnet18")
+    }
+    with api_client(stack) as client:
+        for task, model_id in ids.items():
+            response = client.post(
+                "/predict", files={"file": ("x", image_bytes(image, fmt))}, data={"model_id": model_id}
+            )
+            assert response.status_code == 200, (task, response.text)
+            body = response.json()
+            assert body["image"]["mode"] == name.split("+")[0] and len(body["predictions"]) >= 2
+            assert (body["inverted"] is None) == (task != "mnist_lenet5")
 
 
 def test_upload_over_byte_limit_is_413(make_stack):

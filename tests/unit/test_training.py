@@ -50,22 +50,27 @@ def test_resnet_recipe_runs_both_modes(tmp_path, synthetic_data_dir, mode):
     assert result.tensors["fc.weight"].shape == (2, 512)
 
 
-def test_feature_extraction_trains_only_fc(tmp_path, synthetic_data_dir):
+def test_feature_extraction_trains_only_fc_and_recalibrates_batchnorm(tmp_path, synthetic_data_dir):
     from models_store.architectures import resnet18_classifier
 
     torch.manual_seed(0)
-    initial = resnet18_classifier(2).state_dict()
-    result = run_training(
-        "hymenoptera_resnet18",
-        {"epochs": 2, "batch_size": 8, "mode": "feature_extraction", "seed": 0},
-        context(tmp_path, synthetic_data_dir),
-    )
+    initial_model = resnet18_classifier(2)
+    initial = initial_model.state_dict()
+    weights = {name for name, _ in initial_model.named_parameters()}
+    hp = {"epochs": 2, "batch_size": 8, "mode": "feature_extraction", "seed": 0}
+    result = run_training("hymenoptera_resnet18", hp, context(tmp_path, synthetic_data_dir))
     for name, tensor in result.tensors.items():
         if name.startswith("fc."):
             assert not torch.equal(tensor, initial[name])
-        else:
-            assert torch.equal(tensor, initial[name]), name
+        elif name in weights:
+            assert torch.equal(tensor, initial[name]), name  # frozen
+        elif name.endswith("running_mean"):
+            assert not torch.equal(tensor, initial[name]), name  # re-estimated on the train images
     assert list((tmp_path / "cache" / "features").glob("resnet18-*.safetensors"))
+    clear_memory_cache()
+    again = run_training("hymenoptera_resnet18", hp, context(tmp_path, synthetic_data_dir))  # from the cache
+    for name, tensor in result.tensors.items():
+        assert torch.equal(again.tensors[name], tensor), name
 
 
 @pytest.mark.parametrize("task", ["mnist_lenet5", "cifar10_dense"])
