@@ -22,6 +22,10 @@ class _JobCreateBase(BaseModel):
 class DenseJobCreate(_JobCreateBase):
     """Train the hand-written dense net on CIFAR-10."""
 
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"task": "cifar10_dense", "hyperparameters": {"epochs": 2}}]}
+    )
+
     task: Literal["cifar10_dense"] = Field(description="Task to train.")
     hyperparameters: DenseHyperparameters = Field(
         default_factory=DenseHyperparameters, description="Overrides of the task's defaults."
@@ -31,6 +35,10 @@ class DenseJobCreate(_JobCreateBase):
 class LeNetJobCreate(_JobCreateBase):
     """Train LeNet-5 on MNIST."""
 
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"task": "mnist_lenet5", "hyperparameters": {"epochs": 10}}]}
+    )
+
     task: Literal["mnist_lenet5"] = Field(description="Task to train.")
     hyperparameters: LeNetHyperparameters = Field(
         default_factory=LeNetHyperparameters, description="Overrides of the task's defaults."
@@ -39,6 +47,14 @@ class LeNetJobCreate(_JobCreateBase):
 
 class ResNetJobCreate(_JobCreateBase):
     """Fine-tune ResNet18 (or train its new fc on frozen features) on hymenoptera."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"task": "hymenoptera_resnet18", "hyperparameters": {"mode": "finetune", "weights": "none"}}
+            ]
+        }
+    )
 
     task: Literal["hymenoptera_resnet18"] = Field(description="Task to train.")
     hyperparameters: ResNetHyperparameters = Field(
@@ -74,7 +90,7 @@ class JobPublic(JobRecord):
 class JobsPublic(BaseModel):
     """A page of jobs, newest first."""
 
-    data: list[JobPublic] = Field(description="Jobs on this page.")
+    data: list[JobPublic] = Field(description="Jobs on this page.", examples=[[]])
     count: int = Field(description="Jobs matching the filters, over all pages.", examples=[42])
 
 
@@ -83,30 +99,46 @@ class ModelPublic(BaseModel):
 
     id: str = Field(description="Model id.", examples=["mnist_lenet5-20261129-161500-5f2c1e0b"])
     task: str | None = Field(description="Task it was trained for.", examples=["mnist_lenet5"])
-    valid: bool = Field(description="False if verification failed (see error); such a model is never loaded.")
+    valid: bool = Field(
+        description="False if verification failed (see error); such a model is never loaded.", examples=[True]
+    )
     error: str | None = Field(None, description="Why the checkpoint is invalid.", examples=[None])
-    created_at: str | None = Field(None, description="When it was written (UTC, ISO 8601).")
+    created_at: str | None = Field(
+        None, description="When it was written (UTC, ISO 8601).", examples=["2026-11-29T16:15:00+00:00"]
+    )
     size_bytes: int = Field(description="Size of the weights file, bytes.", examples=[247_000])
     classes: list[str] = Field(
         default_factory=list, description="Class names, index order.", examples=[["0", "1"]]
     )
     metrics: dict[str, Any] = Field(
-        default_factory=dict, description="Final and per-epoch metrics of training."
+        default_factory=dict,
+        description="Final and per-epoch metrics of training.",
+        examples=[{"final": {"epoch": 10, "test_accuracy": 0.9904}, "epochs": []}],
     )
     hyperparameters: dict[str, Any] = Field(
-        default_factory=dict, description="Hyperparameters it was trained with."
+        default_factory=dict, description="Hyperparameters it was trained with.", examples=[{"epochs": 10}]
     )
-    job_id: str | None = Field(None, description="Job that produced it.")
+    job_id: str | None = Field(
+        None, description="Job that produced it.", examples=["5f2c1e0b9a7d4c3e8f1a2b3c4d5e6f70"]
+    )
     device: str | None = Field(None, description="Device it was trained on.", examples=["cpu"])
-    pretrained: dict[str, Any] | None = Field(None, description="Initial weights (hymenoptera_resnet18).")
-    sha256: str | None = Field(None, description="sha256 of the weights file.")
+    pretrained: dict[str, Any] | None = Field(
+        None,
+        description="Initial weights (hymenoptera_resnet18): name, file, sha256.",
+        examples=[{"name": "none", "file": None, "sha256": None}],
+    )
+    sha256: str | None = Field(
+        None,
+        description="sha256 of the weights file.",
+        examples=["3b0c9f1e5d2a4c6b8e7f9a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f"],
+    )
 
 
 class ModelsPublic(BaseModel):
     """Checkpoints, newest first."""
 
-    data: list[ModelPublic]
-    count: int = Field(examples=[3])
+    data: list[ModelPublic] = Field(description="The checkpoints.", examples=[[]])
+    count: int = Field(description="How many.", examples=[3])
 
 
 class ClassProbability(BaseModel):
@@ -135,12 +167,20 @@ class PredictionPublic(BaseModel):
 
 
 class HealthPublic(BaseModel):
-    status: Literal["ok"] = Field("ok", description="The API process is up.")
+    """Liveness."""
+
+    status: Literal["ok"] = Field("ok", description="The API process is up.", examples=["ok"])
 
 
 class ReadyPublic(BaseModel):
     """Readiness: Redis reachable, and which workers are alive."""
 
-    status: Literal["ready", "unavailable"]
+    status: Literal["ready", "unavailable"] = Field(
+        description="`ready` when Redis answers.", examples=["ready"]
+    )
     redis: str = Field(description="`ok` or the connection error.", examples=["ok"])
-    workers: list[dict[str, Any]] = Field(default_factory=list, description="Live Celery workers.")
+    workers: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Live Celery workers.",
+        examples=[[{"name": "worker1@host", "queue": "training", "device": "auto"}]],
+    )

@@ -54,6 +54,14 @@ class _Hyperparameters(BaseModel):
 class DenseHyperparameters(_Hyperparameters):
     """Hand-written one-hidden-layer net on CIFAR-10 (sigmoid hidden layer, softmax output)."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"epochs": 10, "batch_size": 50, "lr": 0.001, "lr_decay": 0.9, "reg": 0.0, "hidden_size": 100}
+            ]
+        }
+    )
+
     epochs: int = Field(10, ge=1, le=1000, description="Passes over the training set.")
     batch_size: int = Field(50, ge=1, le=4096, description="Images per SGD step.")
     lr: float = Field(1e-3, gt=0, le=10, description="Initial learning rate.")
@@ -71,6 +79,12 @@ class DenseHyperparameters(_Hyperparameters):
 class LeNetHyperparameters(_Hyperparameters):
     """LeNet-5 on MNIST."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"epochs": 10, "batch_size": 64, "lr": 0.01, "momentum": 0.9, "seed": 0}]
+        }
+    )
+
     epochs: int = Field(10, ge=1, le=1000, description="Passes over the training set.")
     batch_size: int = Field(64, ge=1, le=4096, description="Images per SGD step.")
     lr: float = Field(0.01, gt=0, le=10, description="Initial learning rate.")
@@ -81,6 +95,20 @@ class LeNetHyperparameters(_Hyperparameters):
 
 class ResNetHyperparameters(_Hyperparameters):
     """ResNet18 transfer learning on hymenoptera (ants/bees)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "epochs": 10,
+                    "batch_size": 16,
+                    "lr": 0.001,
+                    "mode": "feature_extraction",
+                    "weights": "default",
+                }
+            ]
+        }
+    )
 
     epochs: int = Field(10, ge=1, le=200, description="Passes over the training set.")
     batch_size: int = Field(16, ge=1, le=256, description="Images per SGD step.")

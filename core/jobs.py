@@ -40,6 +40,8 @@ _JSON_FIELDS = ("hyperparameters", "progress", "metrics", "timings")
 
 
 class JobStatus(StrEnum):
+    """Lifecycle of a job: queued -> running -> succeeded | failed | cancelled."""
+
     queued = "queued"
     running = "running"
     succeeded = "succeeded"
@@ -91,16 +93,45 @@ class JobRecord(BaseModel):
 
     id: str = Field(description="Job id (32 hex digits).", examples=["5f2c1e0b9a7d4c3e8f1a2b3c4d5e6f70"])
     task: TaskName = Field(description="Reference task this job trains.", examples=["mnist_lenet5"])
-    status: JobStatus = Field(description="queued, running, succeeded, failed or cancelled.")
+    status: JobStatus = Field(
+        description="queued, running, succeeded, failed or cancelled.", examples=["running"]
+    )
     hyperparameters: dict[str, Any] = Field(
         description="Hyperparameters in effect: the request's values over the task's defaults.",
         examples=[{"epochs": 10, "batch_size": 64, "lr": 0.01, "momentum": 0.9}],
     )
-    created_at: datetime = Field(description="When the job was submitted (UTC).")
-    started_at: datetime | None = Field(None, description="When a worker first started it (UTC).")
-    finished_at: datetime | None = Field(None, description="When it reached a final status (UTC).")
-    progress: JobProgress = Field(default_factory=JobProgress)
-    metrics: list[EpochMetrics] = Field(default_factory=list, description="One entry per finished epoch.")
+    created_at: datetime = Field(
+        description="When the job was submitted (UTC).", examples=["2026-11-29T16:15:00.000000+00:00"]
+    )
+    started_at: datetime | None = Field(
+        None,
+        description="When a worker first started it (UTC).",
+        examples=["2026-11-29T16:15:01.000000+00:00"],
+    )
+    finished_at: datetime | None = Field(
+        None, description="When it reached a final status (UTC).", examples=[None]
+    )
+    progress: JobProgress = Field(
+        default_factory=JobProgress, description="Live progress of the current epoch."
+    )
+    metrics: list[EpochMetrics] = Field(
+        default_factory=list,
+        description="One entry per finished epoch.",
+        examples=[
+            [
+                {
+                    "epoch": 1,
+                    "lr": 0.01,
+                    "train_loss": 0.43,
+                    "train_accuracy": 0.864,
+                    "test_accuracy": 0.978,
+                    "val_accuracy": None,
+                    "duration_s": 9.6,
+                    "images_per_s": 6964.5,
+                }
+            ]
+        ],
+    )
     timings: dict[str, float] = Field(
         default_factory=dict,
         description=(
@@ -122,8 +153,12 @@ class JobRecord(BaseModel):
         description="Checkpoint it produced (see /models).",
         examples=["mnist_lenet5-20261129t161500-5f2c1e0b"],
     )
-    attempts: int = Field(0, description="How many times a worker started it (>1 after a worker was lost).")
-    cancel_requested: bool = Field(False, description="A cancel was asked for while it was running.")
+    attempts: int = Field(
+        0, description="How many times a worker started it (>1 after a worker was lost).", examples=[1]
+    )
+    cancel_requested: bool = Field(
+        False, description="A cancel was asked for while it was running.", examples=[False]
+    )
     worker: str | None = Field(
         None, description="Celery worker that runs or ran it.", examples=["celery@gpu-1"]
     )

@@ -35,18 +35,34 @@ router = APIRouter(tags=["predict"])
 )
 async def predict_image(
     request: Request,
-    file: Annotated[UploadFile, File(description="The image: any format and mode Pillow reads.")],
+    file: Annotated[
+        UploadFile,
+        File(description="The image: any format and mode Pillow reads (PNG, JPEG, GIF, TIFF, WebP...)."),
+    ],
     registry: RegistryDep,
     settings: SettingsDep,
-    task: Annotated[TaskName | None, Form(description="Use the newest valid model of this task.")] = None,
+    task: Annotated[
+        TaskName | None,
+        Form(description="Use the newest valid model of this task.", examples=["mnist_lenet5"]),
+    ] = None,
     model_id: Annotated[
         str | None,
-        Form(max_length=128, pattern=MODEL_ID_PATTERN, description="Use this model (wins over task)."),
+        Form(
+            max_length=128,
+            pattern=MODEL_ID_PATTERN,
+            description="Use this model (wins over task).",
+            examples=["mnist_lenet5-20261129-161500-5f2c1e0b"],
+        ),
     ] = None,
-    top_k: Annotated[int, Form(ge=1, le=100, description="Classes to return (at most the model's).")] = 5,
+    top_k: Annotated[
+        int, Form(ge=1, le=100, description="Classes to return (at most the model's).", examples=[3])
+    ] = 5,
     invert: Annotated[
         InvertChoice,
-        Form(description="MNIST only: invert to white-on-black; `auto` inverts when the border is light."),
+        Form(
+            description="MNIST only: invert to white-on-black; `auto` inverts when the border is light.",
+            examples=["auto"],
+        ),
     ] = "auto",
 ) -> PredictionPublic:
     """Top-k class probabilities. Preprocessing is the checkpoint's own evaluation preset.
