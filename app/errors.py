@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 
@@ -29,7 +33,29 @@ def _detail(status_code: int, detail: str, headers: dict | None = None) -> JSONR
     return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as strings and unencodable (surrogate) characters escaped,
+    so that a validation error can always echo the input that caused it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {json_safe(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (int, bool)) or value is None:
+        return value
+    return json_safe(str(value))
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def validation_failed(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422, but safe for inputs JSON cannot carry back (NaN, Infinity, 1e400, lone
+        surrogates), which would otherwise turn the 422 into a 500."""
+        return JSONResponse({"detail": json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+
     @app.exception_handler(redis.exceptions.RedisError)
     async def redis_unavailable(request: Request, exc: redis.exceptions.RedisError) -> JSONResponse:
         url = redact_url(request.app.state.settings.redis_url)

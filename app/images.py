@@ -5,9 +5,10 @@
 * EXIF orientation is applied first (``ImageOps.exif_transpose``); multi-frame files (GIF, TIFF,
   WebP) use their first frame.
 * Modes: 1, L, LA, La, P (with or without transparency), RGB, RGBA, RGBa, CMYK, YCbCr, LAB, HSV,
-  I;16*, I and F. Transparency is composited onto white, never dropped to black. 16-bit and
-  32-bit integer images are scaled to 8 bits by their range, float images from [0, 1] (or
-  clipped to [0, 255] when they exceed 1).
+  I;16*, I and F. Transparency is composited onto white, never dropped to black. Integer images:
+  values up to 255 are kept, up to 65535 are divided by 257 (16-bit full scale), larger ones are
+  stretched from their minimum to their maximum. Float (F) images in [0, 1] are scaled by 255,
+  others clipped to [0, 255]; NaN becomes 0.
 * MNIST digits are white on black; photos and drawings are usually dark on light. For presets
   in mode L, ``invert="auto"`` inverts when the image's border is lighter than mid-grey.
 """
@@ -70,9 +71,12 @@ def open_upload(data: bytes, max_pixels: int) -> tuple[Image.Image, dict]:
     try:
         image.seek(0)
         image.load()
-        image = ImageOps.exif_transpose(image)
-    except Exception as exc:  # truncated data, bad codec stream, broken EXIF
+    except Exception as exc:  # truncated data, bad codec stream
         raise ImageRejected(422, f"the uploaded image is corrupt or truncated: {exc}") from None
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # unreadable EXIF: the pixels are fine, use them as stored
+        info["exif"] = "unreadable, orientation ignored"
     return image, info
 
 
@@ -117,18 +121,23 @@ def _composite(image: Image.Image) -> Image.Image:
 def _to_8bit(image: Image.Image) -> Image.Image:
     """Scale I;16*, I and F images to L by their value range; other modes unchanged."""
     if image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
+        values = np.array(image, dtype=np.float32)  # one working copy, then in place
+        np.nan_to_num(values, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
         if values.size and values.min() >= 0 and values.max() <= 1.0:
-            values = values * 255.0
-        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+            values *= 255.0
+        np.rint(values, out=values)
+        np.clip(values, 0, 255, out=values)
+        return Image.fromarray(values.astype(np.uint8))
     if image.mode.startswith("I"):
-        values = np.asarray(image).astype(np.int64)
+        values = np.array(image, dtype=np.int64) if image.mode == "I" else np.array(image, dtype=np.int32)
         top = int(values.max()) if values.size else 0
         if top > 65535:
             low = int(values.min())
-            values = (values - low) * 255 // max(top - low, 1)
+            values -= low
+            values *= 255
+            values //= max(top - low, 1)
         elif top > 255:
-            values = values // 257
-        return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
+            values //= 257
+        np.clip(values, 0, 255, out=values)
+        return Image.fromarray(values.astype(np.uint8))
     return image

@@ -137,8 +137,8 @@ class ModelPublic(BaseModel):
 class ModelsPublic(BaseModel):
     """Checkpoints, newest first."""
 
-    data: list[ModelPublic] = Field(description="The checkpoints.", examples=[[]])
-    count: int = Field(description="How many.", examples=[3])
+    data: list[ModelPublic] = Field(description="The checkpoints on this page.", examples=[[]])
+    count: int = Field(description="Checkpoints matching the filters, over all pages.", examples=[3])
 
 
 class ClassProbability(BaseModel):
@@ -164,6 +164,21 @@ class PredictionPublic(BaseModel):
         description="The upload as decoded: width, height and PIL mode before conversion.",
         examples=[{"width": 28, "height": 28, "mode": "L"}],
     )
+
+
+class ErrorPublic(BaseModel):
+    """An error: what was wrong, in words."""
+
+    detail: str = Field(
+        description="Why the request failed.", examples=["no job with id 5f2c1e0b9a7d4c3e8f1a2b3c4d5e6f70"]
+    )
+
+
+def error_responses(**codes: str) -> dict[int | str, dict]:
+    """OpenAPI ``responses`` entries with the ErrorPublic body, e.g. ``error_responses(404="...")``."""
+    return {
+        int(code.lstrip("_")): {"model": ErrorPublic, "description": text} for code, text in codes.items()
+    }
 
 
 class HealthPublic(BaseModel):

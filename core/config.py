@@ -30,7 +30,7 @@ def _split_csv(value: object) -> object:
 class Settings(BaseSettings):
     """Configuration shared by the API, the Celery worker and the benchmark."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True, hide_input_in_errors=True)
 
     environment: Literal["development", "production"] = Field(
         "production",

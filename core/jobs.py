@@ -57,14 +57,23 @@ class JobProgress(BaseModel):
 
     epoch: int = Field(0, description="Current epoch, 1-based; 0 before training starts.", examples=[3])
     epochs: int = Field(0, description="Total epochs of the job.", examples=[10])
-    batches_done: int = Field(0, description="Batches done in the current epoch.", examples=[412])
-    batches_total: int = Field(0, description="Batches per epoch.", examples=[938])
+    batches_done: int = Field(
+        0,
+        description="Batches done in the current epoch (while extracting_features: images).",
+        examples=[412],
+    )
+    batches_total: int = Field(
+        0, description="Batches per epoch (while extracting_features: images to process).", examples=[938]
+    )
     images_per_s: float | None = Field(
         None, description="Training throughput of the current epoch, images/s.", examples=[9100.5]
     )
     stage: str = Field(
         "queued",
-        description="queued, loading_data, training, evaluating, saving_checkpoint or done.",
+        description=(
+            "While running: loading_data, extracting_features, training, evaluating or "
+            "saving_checkpoint; otherwise the job's status (queued, succeeded, failed, cancelled)."
+        ),
         examples=["training"],
     )
 
@@ -222,6 +231,7 @@ if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if attempts > tonumber(ARGV[7]) then
+  redis.call('HINCRBY', KEYS[1], 'attempts', -1)
   redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[6], 'error',
     'gave up after ' .. (attempts - 1) .. ' attempts: the worker running it was lost each time ' ..
     '(killed, out of memory or crashed)')
@@ -252,13 +262,16 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
 """
 
-# KEYS: job, running set, lease. ARGV: token, id, field, value, ...
+# KEYS: job, running set, lease. ARGV: token, id, unless_cancel_requested ('1'/'0'), field, value, ...
 _FINISH = """
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return 'not_holder' end
+if ARGV[3] == '1' and redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+  return 'cancel_requested'
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('SREM', KEYS[2], ARGV[2])
 redis.call('DEL', KEYS[3])
-return 1
+return 'finished'
 """
 
 # KEYS: job. ARGV: now
@@ -446,12 +459,19 @@ class JobStore:
         argv = [token, *_encode_fields(fields)]
         return bool(self._update(keys=[self.job_key(job_id), self.lease_key(job_id)], args=argv))
 
-    def finish(self, job_id: str, token: str, status: JobStatus, **fields: Any) -> bool:
-        """Move a running job to a final status and release its lease; False if not the holder."""
+    def finish(
+        self, job_id: str, token: str, status: JobStatus, unless_cancel_requested: bool = False, **fields: Any
+    ) -> str:
+        """Move a running job to a final status and release its lease.
+
+        Returns ``finished``; ``not_holder`` if this worker no longer holds the lease (nothing
+        written); or, with ``unless_cancel_requested``, ``cancel_requested`` when a cancel arrived
+        meanwhile (nothing written: the caller ends the job cancelled instead).
+        """
         fields = {"status": status.value, "finished_at": utcnow(), **fields}
-        argv = [token, job_id, *_encode_fields(fields)]
+        argv = [token, job_id, "1" if unless_cancel_requested else "0", *_encode_fields(fields)]
         keys = [self.job_key(job_id), self.running_key, self.lease_key(job_id)]
-        return bool(self._finish(keys=keys, args=argv))
+        return self._finish(keys=keys, args=argv)
 
     def is_cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self.job_key(job_id), "cancel_requested") == "1"
@@ -508,4 +528,6 @@ def _record_from_hash(raw: dict[str, str]) -> JobRecord:
         if name in data:
             data[name] = json.loads(data[name])
     data["cancel_requested"] = data.get("cancel_requested") == "1"
+    if data.get("status") != JobStatus.running:  # the stage of a job that is not running is its status
+        data["progress"] = {**data.get("progress", {}), "stage": data.get("status", "queued")}
     return JobRecord.model_validate(data)

@@ -199,6 +199,15 @@ class CheckpointStore:
             raise CheckpointInvalid(f"model {model_id}: unreadable weights: {exc}") from exc
         return tensors, info.metadata
 
+    def delete(self, model_id: str) -> None:
+        """Remove a checkpoint: renamed to a hidden name first, so it disappears in one step."""
+        path = self.root / validate_model_id(model_id)
+        if not path.is_dir():
+            return
+        doomed = self.root / f".tmp-deleted-{model_id}-{uuid.uuid4().hex[:8]}"
+        os.rename(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
     def remove_stale_temp(self, older_than_s: float = 3600.0) -> int:
         """Delete ``.tmp-*`` directories left by a crashed writer; returns how many were removed."""
         if not self.root.is_dir():

@@ -1,12 +1,13 @@
 """Write a few real test images from DATA_DIR to var/samples/ for trying /predict by hand.
 
-    .venv/bin/python scripts/sample_images.py [DATA_DIR]
+    .venv/bin/python scripts/sample_images.py [DATA_DIR]     (default: $DATA_DIR, else ../shared/datasets)
 
 Writes mnist_<label>.png (first test digits), cifar_<class>.jpg and hymenoptera_<class>.jpg.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import zipfile
 from pathlib import Path
@@ -18,7 +19,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
-    data_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT.parent / "shared" / "datasets"
+    default = os.environ.get("DATA_DIR") or ROOT.parent / "shared" / "datasets"
+    data_dir = Path(sys.argv[1] if len(sys.argv) > 1 else default)
+    missing = [n for n in ("MNIST/raw/t10k-images-idx3-ubyte", "cifar10-jpg.zip", "hymenoptera_data.zip")
+               if not (data_dir / n).exists()]  # fmt: skip
+    if missing:
+        sys.exit(
+            f"{data_dir} lacks {', '.join(missing)}: "
+            f"pass the datasets folder, e.g. {sys.argv[0]} /path/to/datasets"
+        )
     out = ROOT / "var" / "samples"
     out.mkdir(parents=True, exist_ok=True)
     raw = data_dir / "MNIST" / "raw"

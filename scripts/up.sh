@@ -12,6 +12,9 @@ if [ -z "${DATA_DIR:-}" ]; then
   if [ -d "$ROOT/../shared/datasets" ]; then DATA_DIR="$(cd "$ROOT/../shared/datasets" && pwd)"; else DATA_DIR="$ROOT/data"; fi
 fi
 export DATA_DIR
+if [ ! -e "$DATA_DIR/MNIST" ] && [ ! -e "$DATA_DIR/cifar10-jpg.zip" ] && [ ! -e "$DATA_DIR/hymenoptera_data.zip" ]; then
+  echo "warning: no datasets in DATA_DIR=$DATA_DIR; jobs will fail until you set DATA_DIR (or ALLOW_DOWNLOAD=true)" >&2
+fi
 export MODELS_DIR="${MODELS_DIR:-$ROOT/var/models}" CACHE_DIR="${CACHE_DIR:-$ROOT/var/cache}"
 if [ -z "${API_KEYS:-}" ]; then export ENVIRONMENT="${ENVIRONMENT:-development}"; fi
 PORT="${PORT:-8000}"

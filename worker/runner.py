@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 from core.config import Settings
-from core.jobs import JobProgress, JobRecord, JobStatus, JobStore, redis_client
+from core.jobs import JobRecord, JobStatus, JobStore, redis_client
 from models_store.checkpoint import CheckpointStore
 from models_store.presets import PRESETS
 from worker.resume import ResumeStore
@@ -95,43 +95,52 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
         _finish(store, job_id, token, JobStatus.failed, error=device_error)
         return JobStatus.failed.value
     resume = ResumeStore(settings.cache_dir / "jobs" / job_id)
+    checkpoints = CheckpointStore(settings.models_dir)
     with LeaseHeartbeat(store, job_id, token, settings.job_lease_ttl_s) as heartbeat:
         ctx = _context(settings, store, job_id, token, device, resume, heartbeat)
         started = time.perf_counter()
         try:
             result = run_training(record.task, record.hyperparameters, ctx)
+            ctx.check_stop(force=True)
             checkpoint_start = time.perf_counter()
-            model_id = save_checkpoint(CheckpointStore(settings.models_dir), record, result, device, ctx)
+            model_id = save_checkpoint(checkpoints, record, result, device, ctx)
             ctx.add_time("checkpoint_s", time.perf_counter() - checkpoint_start)
         except StopTraining as stop:
-            if stop.reason == LEASE_LOST:
+            if stop.reason == LEASE_LOST:  # another worker owns the job now, and its resume state
                 return "leased"
-            ctx.add_time("total_s", time.perf_counter() - started)
-            _finish(store, job_id, token, JobStatus.cancelled, timings=ctx.timings)
-            resume.clear()
-            return JobStatus.cancelled.value
+            outcome = _end(store, job_id, token, JobStatus.cancelled, ctx, started)
         except Exception as exc:
             log.exception("job %s failed", job_id)
-            ctx.add_time("total_s", time.perf_counter() - started)
-            _finish(store, job_id, token, JobStatus.failed, error=_describe_error(exc), timings=ctx.timings)
-            resume.clear()
-            _release_device_memory(device)
-            return JobStatus.failed.value
-        ctx.add_time("total_s", time.perf_counter() - started)
-        progress = JobProgress(epoch=len(result.metrics), epochs=len(result.metrics), stage="done")
-        _finish(
-            store,
-            job_id,
-            token,
-            JobStatus.succeeded,
-            model_id=model_id,
-            timings=ctx.timings,
-            progress=progress,
-        )
+            outcome = _end(store, job_id, token, JobStatus.failed, ctx, started, error=_describe_error(exc))
+        else:
+            outcome = _end(store, job_id, token, JobStatus.succeeded, ctx, started, model_id=model_id)
+            if outcome != JobStatus.succeeded:  # cancelled while the checkpoint was being written
+                checkpoints.delete(model_id)
         resume.clear()
         _release_device_memory(device)
-    log.info("job %s succeeded: model %s", job_id, model_id)
-    return JobStatus.succeeded.value
+    log.info("job %s ended %s", job_id, outcome)
+    return outcome
+
+
+def _end(
+    store: JobStore,
+    job_id: str,
+    token: str,
+    status: JobStatus,
+    ctx: TrainingContext,
+    started: float,
+    **fields: object,
+) -> str:
+    """Record the job's final status; a success becomes ``cancelled`` if a cancel arrived first."""
+    ctx.add_time("total_s", time.perf_counter() - started)
+    fields["timings"] = ctx.timings
+    if status == JobStatus.succeeded:
+        if _finish(store, job_id, token, status, unless_cancelled=True, **fields) != "cancel_requested":
+            return status.value
+        fields.pop("model_id")
+        status = JobStatus.cancelled
+    _finish(store, job_id, token, status, **fields)
+    return status.value
 
 
 def model_id_for(record: JobRecord) -> str:
@@ -235,17 +244,24 @@ def _safe(store: JobStore, job_id: str, token: str, fields: Callable[[object], d
     return write
 
 
-def _finish(store: JobStore, job_id: str, token: str, status: JobStatus, **fields: object) -> None:
-    """Record the final status, retrying for up to a minute while Redis is unreachable."""
+def _finish(
+    store: JobStore,
+    job_id: str,
+    token: str,
+    status: JobStatus,
+    unless_cancelled: bool = False,
+    **fields: object,
+) -> str:
+    """Record the final status (see ``JobStore.finish``), retrying for up to a minute while Redis
+    is unreachable; returns the store's outcome, or ``unrecorded``."""
     deadline = time.monotonic() + 60
     while True:
         try:
-            store.finish(job_id, token, status, **fields)
-            return
+            return store.finish(job_id, token, status, unless_cancel_requested=unless_cancelled, **fields)
         except Exception as exc:
             if time.monotonic() > deadline:
                 log.error("job %s: could not record final status %s: %s", job_id, status, exc)
-                return
+                return "unrecorded"
             log.warning("job %s: Redis unreachable, retrying final status: %s", job_id, exc)
             time.sleep(2)
 

@@ -15,6 +15,7 @@ the device and are read once per epoch, so no batch forces a GPU sync.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +33,10 @@ from worker.data import ImageDataset, load_split
 from worker.resume import ResumeState, ResumeStore
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or infinite: the job fails instead of saving them."""
 
 
 class StopTraining(Exception):
@@ -55,7 +60,8 @@ class TrainingContext:
         on_epoch: called with all ``EpochMetrics`` so far after each epoch.
         on_info: called with facts for the job record, e.g. {"weights": "none"}.
         should_stop: returns a reason to stop (cancel, lease lost) or None; checked at batch
-            boundaries at most every ``stop_check_interval_s`` seconds.
+            boundaries at most every ``stop_check_interval_s`` seconds, and always after data
+            loading and after every epoch (``check_stop``).
         resume: where per-epoch resume state is kept (None: no resume state).
         show_progress_bar: tqdm bar per epoch on stderr.
     """
@@ -75,6 +81,21 @@ class TrainingContext:
     progress_interval_s: float = 0.5
     stop_check_interval_s: float = 0.25
     timings: dict[str, float] = field(default_factory=dict)
+    _last_stop_check: float = field(default=0.0, repr=False)
+
+    def check_stop(self, force: bool = False) -> None:
+        """Raise ``StopTraining`` if ``should_stop`` names a reason.
+
+        Asked at most every ``stop_check_interval_s`` seconds (over the whole job, not per epoch),
+        or always with ``force`` (between epochs, before the checkpoint is written).
+        """
+        now = time.perf_counter()
+        if not force and now - self._last_stop_check < self.stop_check_interval_s:
+            return
+        self._last_stop_check = now
+        reason = self.should_stop()
+        if reason:
+            raise StopTraining(reason)
 
     def add_time(self, name: str, seconds: float) -> None:
         self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 4)
@@ -172,19 +193,15 @@ class BatchLoop:
             mininterval=1.0,
             leave=True,
         )
-        last_report = last_check = time.perf_counter()
+        last_report = time.perf_counter()
         with bar:
             for batch_index, start in enumerate(range(0, self.n, self.batch_size)):
                 idx = perm[start : start + self.batch_size]
                 yield idx
                 self.images_done += len(idx)
                 bar.update(len(idx))
+                self.ctx.check_stop()
                 now = time.perf_counter()
-                if now - last_check >= self.ctx.stop_check_interval_s:
-                    last_check = now
-                    reason = self.ctx.should_stop()
-                    if reason:
-                        raise StopTraining(reason)
                 if now - last_report >= self.ctx.progress_interval_s:
                     last_report = now
                     self.ctx.on_progress(self.progress(batch_index + 1))
@@ -261,6 +278,7 @@ def run_training(task: str, hyperparameters: dict | Hyperparameters, ctx: Traini
     ctx.on_progress(JobProgress(epochs=hp.epochs, stage="loading_data"))
     recipe = recipe_for(task, hp, ctx)
     recipe.setup()
+    ctx.check_stop(force=True)
     generator = torch.Generator().manual_seed(hp.seed)
     metrics: list[EpochMetrics] = []
     start_epoch = 0
@@ -271,13 +289,21 @@ def run_training(task: str, hyperparameters: dict | Hyperparameters, ctx: Traini
         metrics = resumed.metrics
         start_epoch = resumed.epoch
         log.info("resuming %s at epoch %d/%d", task, start_epoch + 1, hp.epochs)
+    loop = None
     for epoch in range(start_epoch, hp.epochs):
-        metrics.append(_run_epoch(recipe, hp, ctx, preset, generator, epoch))
+        loop = BatchLoop(ctx, recipe.train_size, hp.batch_size, generator, epoch, hp.epochs)
+        metrics.append(_run_epoch(recipe, hp, ctx, preset, loop, epoch))
+        _check_finite(metrics[-1])
         ctx.on_epoch(metrics)
         if ctx.resume and epoch + 1 < hp.epochs:
             ctx.resume.save(ResumeState.capture(epoch + 1, recipe.state(), generator, metrics))
-    ctx.on_progress(JobProgress(epoch=hp.epochs, epochs=hp.epochs, stage="saving_checkpoint"))
+        ctx.check_stop(force=True)
+    if loop is not None:
+        ctx.on_progress(loop.progress(loop.batches_total, stage="saving_checkpoint"))
     tensors, architecture, extra = recipe.export()
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise TrainingDiverged(f"training diverged: non-finite values in {bad[:5]}; try a smaller lr")
     return TrainingResult(
         tensors=tensors,
         architecture=architecture,
@@ -288,16 +314,23 @@ def run_training(task: str, hyperparameters: dict | Hyperparameters, ctx: Traini
     )
 
 
+def _check_finite(epoch: EpochMetrics) -> None:
+    if not math.isfinite(epoch.train_loss):
+        raise TrainingDiverged(
+            f"training diverged: the loss became {epoch.train_loss} in epoch {epoch.epoch} "
+            f"(lr {epoch.lr:g}); try a smaller lr"
+        )
+
+
 def _run_epoch(
     recipe: Recipe,
     hp: Hyperparameters,
     ctx: TrainingContext,
     preset: Preset,
-    generator: torch.Generator,
+    loop: BatchLoop,
     epoch: int,
 ) -> EpochMetrics:
     lr = hp.lr_at_epoch(epoch)
-    loop = BatchLoop(ctx, recipe.train_size, hp.batch_size, generator, epoch, hp.epochs)
     start = time.perf_counter()
     stats = recipe.train_one_epoch(epoch, lr, loop)
     if ctx.device.type == "cuda":

@@ -133,6 +133,36 @@ def test_unknown_model_and_missing_task(lenet_stack):
         assert client.get("/models/nope-123").status_code == 404
 
 
+def test_unknown_or_repeated_form_fields_are_422(lenet_stack):
+    stack, _ = lenet_stack
+    with api_client(stack) as client:
+        typo = client.post(
+            "/predict", files={"file": ("d.png", digit_png())}, data={"task": "mnist_lenet5", "topk": 3}
+        )
+        assert typo.status_code == 422 and "topk" in typo.json()["detail"]
+        twice = client.post(
+            "/predict",
+            files=[
+                ("file", ("d.png", digit_png())),
+                ("task", (None, b"mnist_lenet5")),
+                ("task", (None, b"cifar10_dense")),
+            ],
+        )
+        assert twice.status_code == 422 and "task" in twice.json()["detail"]
+        assert client.app.state.registry.cached_ids() == []
+
+
+def test_models_are_paged(stack):
+    models_dir = stack.settings().models_dir
+    ids = [make_model_checkpoint(models_dir, seed=i) for i in range(3)]
+    with api_client(stack) as client:
+        first = client.get("/models", params={"limit": 2}).json()
+        second = client.get("/models", params={"limit": 2, "offset": 2}).json()
+        assert first["count"] == second["count"] == 3 and len(first["data"]) == 2 and len(second["data"]) == 1
+        assert {m["id"] for m in first["data"] + second["data"]} == set(ids)
+        assert client.get("/models", params={"limit": 0}).status_code == 422
+
+
 def test_model_id_of_another_task_is_refused(lenet_stack):
     stack, model_id = lenet_stack
     with api_client(stack) as client:
@@ -214,8 +244,36 @@ def test_bad_job_request_is_422_naming_the_field_and_enqueues_nothing(stack, pay
     assert stack.redis().llen(queue_key) == 0
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"task": "mnist_lenet5", "hyperparameters": {"lr": NaN}}', "lr"),
+        (b'{"task": "mnist_lenet5", "hyperparameters": {"lr": Infinity}}', "lr"),
+        (b'{"task": "mnist_lenet5", "hyperparameters": {"lr": -Infinity}}', "lr"),
+        (b'{"task": "mnist_lenet5", "hyperparameters": {"epochs": 1e400}}', "epochs"),
+        (b'{"task": "cifar10_dense", "hyperparameters": {"init_std": 1e309}}', "init_std"),
+        (b'{"task": "mnist_lenet5", "x": NaN}', "x"),
+        (b'{"task": "foo", "x": Infinity}', "task"),
+        (b'{"task": "\\ud800"}', "task"),
+        (b'{"\\ud800": 1, "task": "mnist_lenet5"}', "mnist_lenet5"),
+    ],
+)
+def test_json_that_cannot_be_echoed_is_still_a_422(stack, body, field):
+    """NaN, Infinity, 1e400 and lone surrogates are valid to Python's JSON parser but cannot be
+    written back; the 422 must still be JSON and name the field."""
+    with api_client(stack) as client:
+        response = client.post("/jobs", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 422, response.text
+        assert field in str(response.json()["detail"][0]["loc"]) or field in response.text
+        assert client.get("/jobs").json()["count"] == 0
+
+
 def test_non_json_and_oversized_job_bodies(stack):
     with api_client(stack) as client:
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+            headers = {"content-type": content_type} if content_type else {}
+            response = client.post("/jobs", content=b'{"task": "mnist_lenet5"}', headers=headers)
+            assert response.status_code == 415 and "application/json" in response.json()["detail"]
         response = client.post("/jobs", content=b"{not json", headers={"content-type": "application/json"})
         assert response.status_code == 422
         response = client.post(

@@ -43,13 +43,26 @@ def test_writes_are_fenced_by_the_lease_token(store):
     job, _ = store.create("mnist_lenet5", HP)
     store.start(job.id, "tok1", 30, "w1", "cpu", max_attempts=3)
     assert not store.update(job.id, "intruder", device="cuda:0")
-    assert not store.finish(job.id, "intruder", JobStatus.succeeded)
+    assert store.finish(job.id, "intruder", JobStatus.succeeded) == "not_holder"
     assert store.get(job.id).status == JobStatus.running
     assert store.update(job.id, "tok1", device="cuda:0")
-    assert store.finish(job.id, "tok1", JobStatus.succeeded, model_id="m1")
+    assert store.finish(job.id, "tok1", JobStatus.succeeded, model_id="m1") == "finished"
     record = store.get(job.id)
     assert record.status == JobStatus.succeeded and record.model_id == "m1" and record.finished_at
     assert not store.renew_lease(job.id, "tok1", 30)
+
+
+def test_success_gives_way_to_a_cancel_that_arrived_first(store):
+    job, _ = store.create("mnist_lenet5", HP)
+    store.start(job.id, "tok", 30, "w", "cpu", 3)
+    store.request_cancel(job.id)
+    assert (
+        store.finish(job.id, "tok", JobStatus.succeeded, unless_cancel_requested=True) == "cancel_requested"
+    )
+    assert store.get(job.id).status == JobStatus.running
+    assert store.finish(job.id, "tok", JobStatus.cancelled) == "finished"
+    record = store.get(job.id)
+    assert record.status == JobStatus.cancelled and record.progress.stage == "cancelled"
 
 
 def test_cancel_queued_never_starts(store):
@@ -79,7 +92,8 @@ def test_orphan_is_requeued_then_failed_after_max_attempts(store):
         assert store.get(job.id).status == JobStatus.queued
     assert store.start(job.id, "t3", 0.2, "w", "cpu", max_attempts=2).outcome == "failed"
     record = store.get(job.id)
-    assert record.status == JobStatus.failed and "lost" in record.error
+    assert record.status == JobStatus.failed and "gave up after 2 attempts" in record.error
+    assert record.attempts == 2 and record.progress.stage == "failed"
 
 
 def test_orphan_with_pending_cancel_ends_cancelled(store):

@@ -112,6 +112,27 @@ def test_cancel_running_job_then_worker_serves_next(client, service):
     assert wait_for_status(client, quick["id"], {"succeeded", "failed"})["status"] == "succeeded"
 
 
+@pytest.mark.parametrize(
+    ("task", "hp"),
+    [
+        ("mnist_lenet5", {"epochs": 300, "max_train_samples": 64}),  # epochs far shorter than a stop check
+        ("hymenoptera_resnet18", {"epochs": 3, "batch_size": 8, "mode": "feature_extraction", "seed": 9}),
+    ],
+)
+def test_an_accepted_cancel_always_ends_cancelled(client, task, hp):
+    """Whatever the job is doing when the cancel lands (loading data, extracting features, short
+    epochs, writing the checkpoint), a 202 to /cancel means it ends cancelled, with no model."""
+    models_before = client.get("/models").json()["count"]
+    job = submit(client, task, **hp)
+    wait_for(lambda: client.get(f"/jobs/{job['id']}").json()["status"] == "running", 90, 0.02, "running")
+    response = client.post(f"/jobs/{job['id']}/cancel")
+    assert response.status_code == 202, response.text
+    done = wait_for_status(client, job["id"], {"cancelled", "succeeded", "failed"}, timeout=60)
+    assert done["status"] == "cancelled" and done["model_id"] is None
+    assert done["progress"]["stage"] == "cancelled"
+    assert client.get("/models").json()["count"] == models_before
+
+
 def test_cancel_queued_job_never_starts(client):
     blocker = submit(client, "mnist_lenet5", epochs=500)
     wait_for(

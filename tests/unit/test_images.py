@@ -103,6 +103,16 @@ def test_invert_auto_follows_the_border():
     assert should_invert(light_on_dark, "true") and not should_invert(dark_on_light, "false")
 
 
+def test_unreadable_exif_is_ignored_not_refused():
+    """A readable JPEG whose EXIF block is garbage is classified as stored."""
+    pixels = np.random.default_rng(0).integers(0, 256, (10, 20, 3), dtype=np.uint8)
+    jpeg = image_bytes(Image.fromarray(pixels), "JPEG", dpi=(72, 72))
+    payload = b"Exif\x00\x00XXXXgarbage"
+    broken = jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+    image, info = open_upload(broken, MAX)
+    assert image.size == (20, 10) and "unreadable" in info["exif"]
+
+
 def test_empty_upload():
     with pytest.raises(ImageRejected) as info:
         open_upload(b"", MAX)

@@ -115,6 +115,17 @@ def test_resume_continues_exactly(tmp_path, synthetic_data_dir, task):
         torch.testing.assert_close(resumed.tensors[name], tensor)
 
 
+def test_divergence_fails_instead_of_saving_nan_weights(tmp_path, synthetic_data_dir):
+    from worker.training import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="diverged"):
+        run_training(
+            "mnist_lenet5",
+            {"epochs": 3, "lr": 10.0, "momentum": 0.99},
+            context(tmp_path, synthetic_data_dir),
+        )
+
+
 def test_max_train_samples_is_a_fixed_subset(tmp_path, synthetic_data_dir):
     from worker.training import seeded_subset
 

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core.hyperparams import ResNetHyperparameters
+from core.jobs import JobProgress
 from models_store.architectures import build_model
 from models_store.presets import PRESETS
 from worker.pretrained import load_backbone, resolve_weights
@@ -110,6 +111,7 @@ class ResNetRecipe:
             self.model.load_state_dict(_prefixed(cached, "bn."), strict=False)
             return cached["train"].to(self.ctx.device), cached["val"].to(self.ctx.device)
         start = time.perf_counter()
+        self._features_done, self._features_total = 0, 2 * len(self.train) + len(self.val)
         self._calibrate_batchnorm()
         train_features = self._features_of(self.train.images)
         val_features = self._features_of(self.val.images)
@@ -119,6 +121,19 @@ class ResNetRecipe:
         }
         _write_feature_cache(cache_file, {"train": train_features, "val": val_features, **statistics})
         return train_features, val_features
+
+    def _feature_progress(self, images: int) -> None:
+        """Report feature extraction (images through the backbone) and honour a cancel."""
+        self._features_done += images
+        self.ctx.on_progress(
+            JobProgress(
+                epochs=self.hp.epochs,
+                batches_done=self._features_done,
+                batches_total=self._features_total,
+                stage="extracting_features",
+            )
+        )
+        self.ctx.check_stop()
 
     def _calibrate_batchnorm(self) -> None:
         """Re-estimate every BatchNorm's running mean and variance on the training images.
@@ -143,6 +158,7 @@ class ResNetRecipe:
                 for start in range(0, len(order), self.hp.batch_size):
                     idx = order[start : start + self.hp.batch_size]
                     self.model(self.preset.normalize(self.train.images[idx]))
+                    self._feature_progress(len(idx))
         finally:
             for norm, momentum in zip(norms, momenta, strict=True):
                 norm.momentum = momentum
@@ -158,6 +174,7 @@ class ResNetRecipe:
                 for start in range(0, len(images), EVAL_BATCH):
                     x = self.preset.normalize(images[start : start + EVAL_BATCH])
                     out.append(self.model(x))
+                    self._feature_progress(len(x))
         finally:
             self.model.fc = fc
         return torch.cat(out).clone()

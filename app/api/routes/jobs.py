@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, HTTPException, Path, Query, Response, status
+from fastapi import APIRouter, Body, Depends, Header, HTTPException, Path, Query, Request, Response, status
 
 from app.api.deps import CeleryDep, JobStoreDep
-from app.schemas import JOB_CREATE_EXAMPLES, JobCreate, JobPublic, JobsPublic
+from app.schemas import JOB_CREATE_EXAMPLES, JobCreate, JobPublic, JobsPublic, error_responses
 from core.hyperparams import TaskName
 from core.jobs import IdempotencyConflict, JobStatus, request_hash
 from core.queue import enqueue_training
@@ -16,6 +16,17 @@ from core.queue import enqueue_training
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+def require_json(request: Request) -> None:
+    """415 unless the body is declared JSON (FastAPI would otherwise treat it as raw bytes)."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            f"send the job as JSON with Content-Type: application/json (got {media_type or 'none'!r})",
+        )
+
 
 JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="Job id (32 hex digits).")]
 
@@ -25,11 +36,16 @@ JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="Job id (32 h
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobPublic,
     summary="Submit a training job",
+    dependencies=[Depends(require_json)],
     responses={
         202: {"description": "Queued (or, with a repeated Idempotency-Key, the job already created)."},
-        409: {"description": "Idempotency-Key reused with a different body."},
+        **error_responses(
+            _409="Idempotency-Key reused with a different body.",
+            _413="Body over 1 MiB.",
+            _415="Body is not application/json.",
+            _503="Redis (the queue) is unreachable; nothing was enqueued.",
+        ),
         422: {"description": "Unknown task, unknown field, or a value out of bounds (the field is named)."},
-        503: {"description": "Redis (the queue) is unreachable; nothing was enqueued."},
     },
 )
 def create_job(
@@ -65,7 +81,12 @@ def create_job(
     return JobPublic.model_validate(record.model_dump())
 
 
-@router.get("", response_model=JobsPublic, summary="List jobs, newest first")
+@router.get(
+    "",
+    response_model=JobsPublic,
+    summary="List jobs, newest first",
+    responses=error_responses(_503="Redis is unreachable."),
+)
 def list_jobs(
     jobs: JobStoreDep,
     offset: Annotated[int, Query(ge=0, le=1_000_000, description="Jobs to skip.")] = 0,
@@ -81,7 +102,7 @@ def list_jobs(
     "/{job_id}",
     response_model=JobPublic,
     summary="Read a job: status, progress, metrics",
-    responses={404: {"description": "No such job."}},
+    responses=error_responses(_404="No such job.", _503="Redis is unreachable."),
 )
 def get_job(job_id: JobId, jobs: JobStoreDep) -> JobPublic:
     record = jobs.get(job_id)
@@ -95,7 +116,9 @@ def get_job(job_id: JobId, jobs: JobStoreDep) -> JobPublic:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobPublic,
     summary="Cancel a job",
-    responses={404: {"description": "No such job."}, 409: {"description": "The job already ended."}},
+    responses=error_responses(
+        _404="No such job.", _409="The job already ended.", _503="Redis is unreachable."
+    ),
 )
 def cancel_job(job_id: JobId, jobs: JobStoreDep) -> JobPublic:
     """A queued job is cancelled at once and never starts; a running one stops at its next

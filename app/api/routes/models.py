@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 
 from app.api.deps import CheckpointsDep
-from app.schemas import ModelPublic, ModelsPublic
+from app.schemas import ModelPublic, ModelsPublic, error_responses
 from core.hyperparams import TaskName
 from models_store.checkpoint import CheckpointInfo
 
@@ -40,6 +40,8 @@ def list_models(
     checkpoints: CheckpointsDep,
     task: Annotated[TaskName | None, Query(description="Only models of this task.")] = None,
     valid: Annotated[bool | None, Query(description="Only valid (true) or invalid (false) ones.")] = None,
+    offset: Annotated[int, Query(ge=0, le=1_000_000, description="Models to skip.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=200, description="Page size.")] = 50,
 ) -> ModelsPublic:
     """Every checkpoint, including ones that fail verification (`valid: false` with the reason)."""
     infos = [
@@ -47,14 +49,14 @@ def list_models(
         for i in checkpoints.list()
         if (task is None or i.task == task) and (valid is None or i.valid == valid)
     ]
-    return ModelsPublic(data=[model_public(i) for i in infos], count=len(infos))
+    return ModelsPublic(data=[model_public(i) for i in infos[offset : offset + limit]], count=len(infos))
 
 
 @router.get(
     "/{model_id}",
     response_model=ModelPublic,
     summary="Read one checkpoint",
-    responses={404: {"description": "No such model."}, 422: {"description": "Not a valid model id."}},
+    responses=error_responses(_404="No such model.", _422="Not a valid model id."),
 )
 def get_model(model_id: ModelId, checkpoints: CheckpointsDep) -> ModelPublic:
     return model_public(checkpoints.get(model_id))

@@ -7,12 +7,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile, status
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
 
 from app.api.deps import RegistryDep, SettingsDep
 from app.images import InvertChoice, open_upload
 from app.inference import ModelRegistry, predict
 from app.metrics import PREDICTION_SECONDS
-from app.schemas import ClassProbability, PredictionPublic
+from app.schemas import ClassProbability, PredictionPublic, error_responses
 from core.config import Settings
 from core.hyperparams import TaskName
 from models_store.checkpoint import MODEL_ID_PATTERN
@@ -24,13 +25,17 @@ router = APIRouter(tags=["predict"])
     "/predict",
     response_model=PredictionPublic,
     summary="Classify an uploaded image",
-    responses={
-        400: {"description": "Empty file."},
-        404: {"description": "Unknown model_id, or no trained model of the task yet."},
-        409: {"description": "The checkpoint failed verification (tampered or truncated)."},
-        413: {"description": "File over MAX_UPLOAD_BYTES or image over MAX_IMAGE_PIXELS."},
-        415: {"description": "Not an image Pillow can read."},
-        422: {"description": "Corrupt image, bad model_id, top_k out of bounds, neither task nor model_id."},
+    responses=error_responses(
+        _400="Empty file.",
+        _404="Unknown model_id, or no trained model of the task yet.",
+        _409="The checkpoint failed verification (tampered or truncated).",
+        _413="File over MAX_UPLOAD_BYTES or image over MAX_IMAGE_PIXELS.",
+        _415="Not an image Pillow can read.",
+    )
+    | {
+        422: {
+            "description": "Corrupt image, bad or unknown form field, top_k out of bounds, no task/model_id."
+        }
     },
 )
 async def predict_image(
@@ -50,7 +55,7 @@ async def predict_image(
         Form(
             max_length=128,
             pattern=MODEL_ID_PATTERN,
-            description="Use this model (wins over task).",
+            description="Use this model; if task is given too, it must be the model's task.",
             examples=["mnist_lenet5-20261129-161500-5f2c1e0b"],
         ),
     ] = None,
@@ -70,6 +75,7 @@ async def predict_image(
     Decoding and inference run in worker threads, at most INFERENCE_CONCURRENCY at a time (first
     come, first served), so a burst of requests queues instead of thrashing the CPU.
     """
+    _check_form_fields(await request.form())
     if not task and not model_id:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "give either task or model_id")
     data = await file.read(settings.max_upload_bytes + 1)
@@ -80,6 +86,24 @@ async def predict_image(
         )
     async with request.app.state.inference_slots:
         return await run_in_threadpool(_classify, registry, settings, data, model_id, task, top_k, invert)
+
+
+FORM_FIELDS = ("file", "task", "model_id", "top_k", "invert")
+
+
+def _check_form_fields(form: FormData) -> None:
+    """422 for an unknown field (a typo such as ``topk`` would otherwise be ignored) or a repeated one."""
+    unknown = sorted({name for name in form if name not in FORM_FIELDS})
+    if unknown:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"unknown form field(s) {', '.join(unknown)}; expected {', '.join(FORM_FIELDS)}",
+        )
+    repeated = sorted({name for name in form if len(form.getlist(name)) > 1})
+    if repeated:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"form field(s) given twice: {', '.join(repeated)}"
+        )
 
 
 def _classify(
