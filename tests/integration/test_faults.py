@@ -98,38 +98,41 @@ def test_redelivery_while_running_never_runs_the_job_twice(make_stack, start_wor
     assert f"job {job_id} not run: leased" in logs
 
 
-def test_redis_down_answers_503_then_recovers(make_stack, tmp_path):
+@pytest.fixture
+def private_redis(tmp_path):
+    """A redis-server of this test only (the shared one is never stopped)."""
     server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def test_redis_down_answers_503_then_recovers(make_stack, private_redis):
+    server = private_redis
     stack = make_stack(redis_url=server.url)
     make_model_checkpoint(stack.settings().models_dir)
     digit = image_bytes(Image.fromarray(digit_image(3, np.random.default_rng(0))), "PNG")
-    try:
-        with api_client(stack) as client:
-            assert client.post("/jobs", json={"task": "mnist_lenet5"}).status_code == 202
-            server.stop()
-            for method, path, kwargs in (
-                ("POST", "/jobs", {"json": {"task": "mnist_lenet5"}}),
-                ("GET", "/jobs", {}),
-                ("GET", "/jobs/" + "a" * 32, {}),
-                ("POST", "/jobs/" + "a" * 32 + "/cancel", {}),
-            ):
-                started = time.monotonic()
-                response = client.request(method, path, **kwargs)
-                assert response.status_code == 503, (path, response.text)
-                assert "unreachable" in response.json()["detail"] and time.monotonic() - started < 10
-            ready = client.get("/readyz")
-            assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
-            assert client.get("/healthz").status_code == 200
-            predicted = client.post(
-                "/predict", files={"file": ("d.png", digit)}, data={"task": "mnist_lenet5"}
-            )
-            assert predicted.status_code == 200  # serving needs no Redis
-            server.start()
-            assert client.get("/readyz").status_code == 200
-            assert client.post("/jobs", json={"task": "mnist_lenet5"}).status_code == 202
-            assert client.get("/jobs").json()["count"] == 1
-    finally:
+    with api_client(stack) as client:
+        assert client.post("/jobs", json={"task": "mnist_lenet5"}).status_code == 202
         server.stop()
+        for method, path, kwargs in (
+            ("POST", "/jobs", {"json": {"task": "mnist_lenet5"}}),
+            ("GET", "/jobs", {}),
+            ("GET", "/jobs/" + "a" * 32, {}),
+            ("POST", "/jobs/" + "a" * 32 + "/cancel", {}),
+        ):
+            started = time.monotonic()
+            response = client.request(method, path, **kwargs)
+            assert response.status_code == 503, (path, response.text)
+            assert "unreachable" in response.json()["detail"] and time.monotonic() - started < 10
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+        assert client.get("/healthz").status_code == 200
+        predicted = client.post("/predict", files={"file": ("d.png", digit)}, data={"task": "mnist_lenet5"})
+        assert predicted.status_code == 200  # serving needs no Redis
+        server.start()
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/jobs", json={"task": "mnist_lenet5"}).status_code == 202
+        assert client.get("/jobs").json()["count"] == 1
 
 
 def test_api_restart_loses_nothing(make_stack, start_worker, start_api, synthetic_data_dir):
