@@ -61,8 +61,9 @@ class LeaseHeartbeat:
         while not self._stop.wait(self.ttl_s / 3):
             try:
                 if not self.store.renew_lease(self.job_id, self.token, self.ttl_s):
-                    log.error("job %s: lease lost; stopping at the next batch", self.job_id)
-                    self.lost = True
+                    if not self._stop.is_set():  # not just released by finishing the job
+                        log.error("job %s: lease lost; stopping at the next batch", self.job_id)
+                        self.lost = True
                     return
             except Exception as exc:  # Redis briefly unreachable: keep trying until the TTL runs out
                 log.warning("job %s: could not renew lease: %s", self.job_id, exc)
