@@ -9,6 +9,7 @@ import anyio
 import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from app.api.main import api_router
 from app.errors import install_error_handlers, redact_url
@@ -37,6 +38,7 @@ Authenticate with **Authorize** (`Bearer <API key>`) unless the server runs with
 # Bytes of a /predict multipart body beyond the file itself (boundaries, form fields).
 MULTIPART_OVERHEAD = 64 * 1024
 JSON_BODY_LIMIT = 1024 * 1024
+DOCS_STATIC_URL = "/static-docs"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -62,7 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         client.close()
 
-    app = FastAPI(
+    # Swagger UI 5 and ReDoc served from the package (no CDN), so /docs works offline.
+    app = FastAPIOffline(
+        static_url=DOCS_STATIC_URL,
         title="imgclf: train and serve image classifiers",
         version="0.1.0",
         description=DESCRIPTION,

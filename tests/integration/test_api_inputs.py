@@ -307,7 +307,14 @@ def test_api_keys_guard_everything_but_probes_and_docs(make_stack):
     stack = make_stack(api_keys=[KEY, "second-key-0123456789"], environment="production")
     make_model_checkpoint(stack.settings().models_dir)
     with api_client(stack) as client:
-        for path in ("/healthz", "/readyz", "/docs", "/openapi.json"):
+        for path in (
+            "/healthz",
+            "/readyz",
+            "/docs",
+            "/redoc",
+            "/openapi.json",
+            "/static-docs/swagger-ui.css",
+        ):
             assert client.get(path).status_code == 200, path
         protected = [("GET", "/jobs"), ("GET", "/models"), ("GET", "/metrics"), ("GET", "/jobs/" + "a" * 32)]
         for method, path in protected:
