@@ -43,7 +43,8 @@ def open_upload(data: bytes, max_pixels: int) -> tuple[Image.Image, dict]:
         max_pixels: largest accepted width * height.
 
     Returns:
-        (decoded image, {"width", "height", "mode", "format"} of the upload as sent).
+        (decoded image, {"width", "height", "mode", "format"} of the upload: size after the EXIF
+        orientation, mode and format as stored).
 
     Raises:
         ImageRejected: 400 empty, 415 not an image, 413 too many pixels, 422 corrupt/truncated.
@@ -77,11 +78,16 @@ def open_upload(data: bytes, max_pixels: int) -> tuple[Image.Image, dict]:
         image = ImageOps.exif_transpose(image)
     except Exception:  # unreadable EXIF: the pixels are fine, use them as stored
         info["exif"] = "unreadable, orientation ignored"
+    info["width"], info["height"] = image.size  # as displayed, after the EXIF orientation
     return image, info
 
 
 def to_mode(image: Image.Image, mode: str) -> Image.Image:
-    """Convert any PIL image to ``mode`` (``RGB`` or ``L``), compositing transparency onto white."""
+    """Convert any PIL image to ``mode`` (``RGB`` or ``L``), compositing transparency onto white.
+
+    Raises:
+        ImageRejected: 415 for a mode Pillow cannot convert to RGB.
+    """
     image = _to_8bit(image)
     if image.mode in ("RGBa", "La"):
         image = image.convert(image.mode[:-1] + "A")
@@ -90,8 +96,20 @@ def to_mode(image: Image.Image, mode: str) -> Image.Image:
     if image.mode in ("LA", "RGBA", "PA") or (image.mode in ("L", "RGB") and "transparency" in image.info):
         image = _composite(image)
     if image.mode != mode:
-        image = image.convert(mode)
+        image = _convert(image, mode)
     return image
+
+
+def _convert(image: Image.Image, mode: str) -> Image.Image:
+    """``image.convert(mode)``, through RGB where Pillow has no direct conversion (LAB to L)."""
+    try:
+        return image.convert(mode)
+    except ValueError:
+        pass
+    try:
+        return image.convert("RGB").convert(mode)
+    except ValueError:
+        raise ImageRejected(415, f"images of mode {image.mode} cannot be converted to {mode}") from None
 
 
 def should_invert(image: Image.Image, choice: InvertChoice) -> bool:

@@ -161,7 +161,9 @@ class PredictionPublic(BaseModel):
         examples=[False],
     )
     image: dict[str, Any] = Field(
-        description="The upload as decoded: width, height and PIL mode before conversion.",
+        description=(
+            "The upload as decoded: width and height after its EXIF orientation, PIL mode before conversion."
+        ),
         examples=[{"width": 28, "height": 28, "mode": "L"}],
     )
 

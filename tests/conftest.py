@@ -45,9 +45,10 @@ def redis_answers(url: str) -> bool:
 class RedisServer:
     """A private ``redis-server`` on a free port (for fault tests and machines without Redis)."""
 
-    def __init__(self, directory: Path, port: int | None = None):
+    def __init__(self, directory: Path, port: int | None = None, persistent: bool = False):
         self.port = port or free_port()
         self.directory = directory
+        self.persistent = persistent  # append-only file, as in docker-compose.yml: survives restarts
         self.process: subprocess.Popen | None = None
 
     @property
@@ -66,7 +67,7 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.persistent else "no",
                 "--dir",
                 str(self.directory),
             ],

@@ -98,7 +98,7 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
     resume = ResumeStore(settings.cache_dir / "jobs" / job_id)
     checkpoints = CheckpointStore(settings.models_dir)
     with LeaseHeartbeat(store, job_id, token, settings.job_lease_ttl_s) as heartbeat:
-        ctx = _context(settings, store, job_id, token, device, resume, heartbeat)
+        ctx, latest = _context(settings, store, job_id, token, device, resume, heartbeat)
         started = time.perf_counter()
         try:
             result = run_training(record.task, record.hyperparameters, ctx)
@@ -109,12 +109,13 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
         except StopTraining as stop:
             if stop.reason == LEASE_LOST:  # another worker owns the job now, and its resume state
                 return "leased"
-            outcome = _end(store, job_id, token, JobStatus.cancelled, ctx, started)
+            outcome = _end(store, job_id, token, JobStatus.cancelled, ctx, started, latest)
         except Exception as exc:
             log.exception("job %s failed", job_id)
-            outcome = _end(store, job_id, token, JobStatus.failed, ctx, started, error=_describe_error(exc))
+            error = _describe_error(exc)
+            outcome = _end(store, job_id, token, JobStatus.failed, ctx, started, latest, error=error)
         else:
-            outcome = _end(store, job_id, token, JobStatus.succeeded, ctx, started, model_id=model_id)
+            outcome = _end(store, job_id, token, JobStatus.succeeded, ctx, started, latest, model_id=model_id)
             if outcome != JobStatus.succeeded:  # cancelled while the checkpoint was being written
                 checkpoints.delete(model_id)
         resume.clear()
@@ -130,11 +131,16 @@ def _end(
     status: JobStatus,
     ctx: TrainingContext,
     started: float,
+    latest: dict[str, object],
     **fields: object,
 ) -> str:
-    """Record the job's final status; a success becomes ``cancelled`` if a cancel arrived first."""
+    """Record the job's final status; a success becomes ``cancelled`` if a cancel arrived first.
+
+    The final write repeats the latest progress and metrics (``latest``), so that a record whose
+    per-epoch writes were lost while Redis was unreachable still ends complete.
+    """
     ctx.add_time("total_s", time.perf_counter() - started)
-    fields["timings"] = ctx.timings
+    fields = {**latest, **fields, "timings": ctx.timings}
     if status == JobStatus.succeeded:
         if _finish(store, job_id, token, status, unless_cancelled=True, **fields) != "cancel_requested":
             return status.value
@@ -207,7 +213,9 @@ def _context(
     device: torch.device,
     resume: ResumeStore,
     heartbeat: LeaseHeartbeat,
-) -> TrainingContext:
+) -> tuple[TrainingContext, dict[str, object]]:
+    """The job's training context, and the dict of the latest fields it wrote to the record."""
+
     def should_stop() -> str | None:
         if heartbeat.lost:
             return LEASE_LOST
@@ -227,18 +235,24 @@ def _context(
         should_stop=should_stop,
         resume=resume,
     )
-    ctx.on_progress = _safe(store, job_id, token, lambda p: {"progress": p, "timings": ctx.timings})
-    ctx.on_epoch = _safe(store, job_id, token, lambda m: {"metrics": [e.model_dump() for e in m]})
-    ctx.on_info = _safe(store, job_id, token, lambda info: info)
-    return ctx
+    latest: dict[str, object] = {}
+    ctx.on_progress = _safe(store, job_id, token, latest, lambda p: {"progress": p, "timings": ctx.timings})
+    ctx.on_epoch = _safe(store, job_id, token, latest, lambda m: {"metrics": [e.model_dump() for e in m]})
+    ctx.on_info = _safe(store, job_id, token, latest, lambda info: info)
+    return ctx, latest
 
 
-def _safe(store: JobStore, job_id: str, token: str, fields: Callable[[object], dict]) -> Callable:
-    """A job-record writer that never stops training: Redis errors are logged."""
+def _safe(
+    store: JobStore, job_id: str, token: str, latest: dict[str, object], fields: Callable[[object], dict]
+) -> Callable:
+    """A job-record writer that never stops training: Redis errors are logged. What it writes
+    is also kept in ``latest``, for the final write."""
 
     def write(value: object) -> None:
+        values = fields(value)
+        latest.update(values)
         try:
-            store.update(job_id, token, **fields(value))
+            store.update(job_id, token, **values)
         except Exception as exc:
             log.warning("job %s: could not record progress: %s", job_id, exc)
 

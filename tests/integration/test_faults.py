@@ -100,8 +100,8 @@ def test_redelivery_while_running_never_runs_the_job_twice(make_stack, start_wor
 
 @pytest.fixture
 def private_redis(tmp_path):
-    """A redis-server of this test only (the shared one is never stopped)."""
-    server = RedisServer(tmp_path / "redis").start()
+    """A persistent redis-server of this test only (the shared one is never stopped)."""
+    server = RedisServer(tmp_path / "redis", persistent=True).start()
     yield server
     server.stop()
 
@@ -132,7 +132,29 @@ def test_redis_down_answers_503_then_recovers(make_stack, private_redis):
         server.start()
         assert client.get("/readyz").status_code == 200
         assert client.post("/jobs", json={"task": "mnist_lenet5"}).status_code == 202
-        assert client.get("/jobs").json()["count"] == 1
+        assert client.get("/jobs").json()["count"] == 2  # the one from before the outage too
+
+
+def test_redis_down_while_training_keeps_every_epoch_on_the_record(
+    make_stack, start_worker, private_redis, synthetic_data_dir
+):
+    """The job ends while Redis is away: its per-epoch writes were lost, and the final write (retried
+    until Redis is back) repeats them."""
+    server = private_redis
+    stack = make_stack(redis_url=server.url, data_dir=synthetic_data_dir)
+    worker = start_worker(stack)
+    epochs = 20
+    with api_client(stack) as client:
+        job_id = submit(client, "mnist_lenet5", epochs=epochs)
+        wait_for(lambda: len(client.get(f"/jobs/{job_id}").json()["metrics"]) >= 2, 120, 0.02, "two epochs")
+        server.stop()
+        wait_for(lambda: "retrying final status" in worker.log(), 180, 0.1, "the job to end")
+        assert "could not record progress" in worker.log()
+        server.start()
+        done = wait_for_status(client, job_id, {"succeeded", "failed"}, timeout=180)
+    assert done["status"] == "succeeded", done["error"]
+    assert [m["epoch"] for m in done["metrics"]] == list(range(1, epochs + 1))
+    assert done["progress"]["epoch"] == epochs
 
 
 def test_api_restart_loses_nothing(make_stack, start_worker, start_api, synthetic_data_dir):

@@ -38,6 +38,8 @@ def _mode_images() -> dict[str, tuple[Image.Image, str]]:
         "I;16": (Image.fromarray(gray.astype(np.uint16) * 257), "PNG"),
         "I": (Image.fromarray(gray.astype(np.int32) * 257), "TIFF"),
         "F": (Image.fromarray(gray.astype(np.float32) / 255), "TIFF"),
+        "LAB": (Image.new("RGB", (16, 16), (200, 30, 40)).convert("LAB"), "TIFF"),
+        "YCbCr": (Image.new("RGB", (16, 16), (200, 30, 40)).convert("YCbCr"), "TIFF"),
     }
 
 
@@ -47,6 +49,11 @@ def test_every_mode_decodes(name, target):
     image, fmt = _mode_images()[name]
     out = decode(image_bytes(image, fmt), target)
     assert out.mode == target and out.size == (16, 16)
+
+
+def test_lab_keeps_its_colours():
+    image, fmt = _mode_images()["LAB"]
+    assert np.abs(np.asarray(decode(image_bytes(image, fmt), "RGB")).astype(int) - (200, 30, 40)).max() <= 3
 
 
 @pytest.mark.parametrize("name", ["I;16", "I", "F"])
@@ -74,8 +81,9 @@ def test_exif_orientation_is_applied_first():
     image.paste((0, 0, 255), (0, 0, 10, 10))  # left half blue
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to display
-    out = decode(image_bytes(image, "JPEG", exif=exif, quality=95), "RGB")
-    assert out.size == (10, 20)
+    upload, info = open_upload(image_bytes(image, "JPEG", exif=exif, quality=95), MAX)
+    out = to_mode(upload, "RGB")
+    assert out.size == (10, 20) and (info["width"], info["height"]) == (10, 20)
     top = np.asarray(out)[2, 5]
     assert top[2] > 200 and top[0] < 60  # the blue left half is now on top
 
