@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # Stops the API and the worker started by scripts/up.sh (Redis is left running).
+#   scripts/down.sh [--quiet] [api|worker]
+# The worker gets a warm shutdown (SIGTERM); a job still training after 20 s is interrupted
+# (SIGKILL) and resumes from its last finished epoch once a worker runs again.
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
-for name in api worker; do
+QUIET=""
+if [ "${1:-}" = "--quiet" ]; then QUIET=1; shift; fi
+case "${1:-all}" in all) NAMES="api worker";; api|worker) NAMES="$1";; *) echo "usage: $0 [--quiet] [api|worker]" >&2; exit 2;; esac
+for name in $NAMES; do
   pidfile="$ROOT/var/run/$name.pid"
   [ -f "$pidfile" ] || continue
   pid=$(cat "$pidfile")
@@ -10,7 +16,7 @@ for name in api worker; do
     kill -TERM "$pid"
     for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
     kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
-    [ "${1:-}" = "--quiet" ] || echo "stopped $name ($pid)"
+    [ -n "$QUIET" ] || echo "stopped $name ($pid)"
   fi
   rm -f "$pidfile"
 done

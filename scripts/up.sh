@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the project (first run) and starts the whole stack in the background:
 # Redis (if none answers), the API on port 8000 and one Celery worker. Stop it with scripts/down.sh.
-# Without API_KEYS in the environment it runs in development mode (no authentication).
+#   scripts/up.sh [all|api|worker]   (re)start everything (default), only the API, or only the worker
+# Without API_KEYS in the environment it runs in development mode (no authentication) and the
+# API listens on 127.0.0.1 only; with keys on HOST (default 0.0.0.0).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -16,23 +18,69 @@ if [ ! -e "$DATA_DIR/MNIST" ] && [ ! -e "$DATA_DIR/cifar10-jpg.zip" ] && [ ! -e 
   echo "warning: no datasets in DATA_DIR=$DATA_DIR; jobs will fail until you set DATA_DIR (or ALLOW_DOWNLOAD=true)" >&2
 fi
 export MODELS_DIR="${MODELS_DIR:-$ROOT/var/models}" CACHE_DIR="${CACHE_DIR:-$ROOT/var/cache}"
-if [ -z "${API_KEYS:-}" ]; then export ENVIRONMENT="${ENVIRONMENT:-development}"; fi
+WHAT="${1:-all}"
+case "$WHAT" in all|api|worker) ;; *) echo "usage: $0 [all|api|worker]" >&2; exit 2;; esac
+if [ -z "${API_KEYS:-}" ]; then
+  export ENVIRONMENT="${ENVIRONMENT:-development}"
+  HOST="${HOST:-127.0.0.1}"  # no authentication: not reachable from other machines
+else
+  HOST="${HOST:-0.0.0.0}"
+fi
 PORT="${PORT:-8000}"
 ensure_redis "$REDIS_URL"
-"$ROOT/scripts/down.sh" --quiet || true
-nohup "$VENV/bin/celery" -A worker.celery_app worker --loglevel=INFO -n "worker1@%h" \
-  >>var/log/worker.log 2>&1 &
-echo $! > var/run/worker.pid
-nohup "$VENV/bin/uvicorn" app.main:create_app --factory --host 0.0.0.0 --port "$PORT" \
-  >>var/log/api.log 2>&1 &
-echo $! > var/run/api.pid
+
+start_worker() {
+  "$ROOT/scripts/down.sh" --quiet worker || true
+  nohup "$VENV/bin/celery" -A worker.celery_app worker --loglevel=INFO -n "worker1@%h" \
+    >>var/log/worker.log 2>&1 &
+  echo $! > var/run/worker.pid
+}
+
+start_api() {
+  "$ROOT/scripts/down.sh" --quiet api || true
+  if ! "$PY" -c "import socket, sys; s = socket.socket(); s.bind((sys.argv[1], int(sys.argv[2])))" "$HOST" "$PORT" 2>/dev/null; then
+    echo "port $PORT on $HOST is already in use (another API?); stop it or choose another PORT" >&2
+    exit 1
+  fi
+  nohup "$VENV/bin/uvicorn" app.main:create_app --factory --host "$HOST" --port "$PORT" \
+    >>var/log/api.log 2>&1 &
+  echo $! > var/run/api.pid
+}
+
+alive() { kill -0 "$(cat "var/run/$1.pid")" 2>/dev/null; }
+
+STARTED=""
+touch var/log/worker.log var/log/api.log
+WORKER_LOG_START=$(($(wc -l < var/log/worker.log) + 1))
+if [ "$WHAT" != worker ]; then start_api; STARTED="$STARTED api"; fi
+if [ "$WHAT" != api ]; then start_worker; STARTED="$STARTED worker"; fi
+PROBE="http://$([ "$HOST" = 0.0.0.0 ] && echo 127.0.0.1 || echo "$HOST"):$PORT"
+
+ready() {
+  case "$WHAT" in
+    worker) tail -n +"$WORKER_LOG_START" var/log/worker.log | grep -q "worker1@.* ready" ;;
+    api) curl -fs "$PROBE/readyz" >/dev/null ;;
+    all) curl -fs "$PROBE/readyz" | grep -q '"workers":\[{' ;;
+  esac
+}
+
 for _ in $(seq 300); do
-  if curl -fs "http://127.0.0.1:$PORT/readyz" | grep -q '"workers":\[{'; then
-    echo "stack up: API http://127.0.0.1:$PORT (Swagger UI: /docs), one worker, Redis $REDIS_URL"
-    echo "data: $DATA_DIR  models: $MODELS_DIR  logs: var/log/  stop: scripts/down.sh"
+  for name in $STARTED; do
+    if ! alive "$name"; then
+      echo "the $name exited at start; the end of var/log/$name.log:" >&2
+      tail -5 "var/log/$name.log" >&2
+      exit 1
+    fi
+  done
+  if ready; then
+    case "$WHAT" in
+      worker) echo "worker up (Redis $REDIS_URL); log: var/log/worker.log" ;;
+      *) echo "stack up: API $PROBE (Swagger UI: /docs), listening on $HOST:$PORT; Redis $REDIS_URL"
+         echo "data: $DATA_DIR  models: $MODELS_DIR  logs: var/log/  stop: scripts/down.sh" ;;
+    esac
     exit 0
   fi
   sleep 0.2
 done
-echo "the stack did not become ready in 60 s; see var/log/api.log and var/log/worker.log" >&2
+echo "not ready in 60 s; see var/log/api.log and var/log/worker.log" >&2
 exit 1
