@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -98,7 +98,12 @@ class _FolderSource:
 
 
 def load_split(
-    task: str, split: str, data_dir: Path, cache_dir: Path, allow_download: bool = False
+    task: str,
+    split: str,
+    data_dir: Path,
+    cache_dir: Path,
+    allow_download: bool = False,
+    check_stop: Callable[[], None] = lambda: None,
 ) -> ImageDataset:
     """Load one split of ``task``'s dataset as uint8 tensors, from cache when possible.
 
@@ -108,6 +113,7 @@ def load_split(
         data_dir: DATA_DIR.
         cache_dir: CACHE_DIR; decoded splits go to ``cache_dir / "datasets"``.
         allow_download: download with torchvision / the official URL when nothing is found.
+        check_stop: called between chunks of image decoding; may raise to abandon it (a cancel).
 
     Raises:
         DatasetNotFound: nothing in any known layout (and download not allowed or failed).
@@ -129,7 +135,7 @@ def load_split(
     dataset = _read_cache(cache_file)
     if dataset is None:
         log.info("decoding %s %s from %s (cached afterwards in %s)", task, split, source, cache_file)
-        dataset = _decode(kind, source, split, preset)
+        dataset = _decode(kind, source, split, preset, check_stop)
         _write_cache(cache_file, dataset)
     _memory_cache[key] = dataset
     while len(_memory_cache) > _MEMORY_CACHE_SIZE:
@@ -327,12 +333,14 @@ def _write_cache(cache_file: Path, dataset: ImageDataset) -> None:
 # Decoding -----------------------------------------------------------------------------------
 
 
-def _decode(kind: str, source: object, split: str, preset: Preset) -> ImageDataset:
+def _decode(
+    kind: str, source: object, split: str, preset: Preset, check_stop: Callable[[], None]
+) -> ImageDataset:
     if kind == "mnist":
         return _decode_mnist(source)
     if kind == "cifar_batches":
         return _decode_cifar_batches(Path(source), split)
-    return _decode_folder(source, split, preset)
+    return _decode_folder(source, split, preset, check_stop)
 
 
 def _decode_mnist(paths: tuple[str, str]) -> ImageDataset:
@@ -407,12 +415,14 @@ def _decode_cifar_batches(folder: Path, split: str) -> ImageDataset:
     )
 
 
-def _decode_folder(source: _FolderSource, split: str, preset: Preset) -> ImageDataset:
+def _decode_folder(
+    source: _FolderSource, split: str, preset: Preset, check_stop: Callable[[], None]
+) -> ImageDataset:
     classes, members = _folder_members(source, split)
     if not members:
         raise DatasetCorrupt(f"no images in split {split!r} of {_describe(source)}")
     names = [m for m, _ in members]
-    chunk_size = max(64, min(5000, len(names) // ((os.cpu_count() or 1) * 4) + 1))
+    chunk_size = max(64, min(1000, len(names) // ((os.cpu_count() or 1) * 4) + 1))
     chunks = [names[i : i + chunk_size] for i in range(0, len(names), chunk_size)]
     args = [(source, chunk, preset.to_dict()) for chunk in chunks]
     height, width = preset.input_size
@@ -422,6 +432,8 @@ def _decode_folder(source: _FolderSource, split: str, preset: Preset) -> ImageDa
         if workers > 1:
             stack.enter_context(_child_processes_allowed())
             pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")))
+            # on leaving early (a cancel, an error), chunks not yet started are dropped
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
             arrays = pool.map(_decode_chunk, *zip(*args, strict=True))
         else:
             arrays = (_decode_chunk(*a) for a in args)
@@ -429,6 +441,7 @@ def _decode_folder(source: _FolderSource, split: str, preset: Preset) -> ImageDa
         for array in arrays:  # copied into place chunk by chunk: peak memory ~ one copy of the split
             images[start : start + len(array)] = array
             start += len(array)
+            check_stop()
     return ImageDataset(
         images=torch.from_numpy(images),
         labels=torch.tensor([label for _, label in members], dtype=torch.int64),

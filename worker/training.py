@@ -102,7 +102,9 @@ class TrainingContext:
 
     def load(self, task: str, split: str) -> ImageDataset:
         start = time.perf_counter()
-        dataset = load_split(task, split, self.data_dir, self.cache_dir, self.allow_download)
+        dataset = load_split(
+            task, split, self.data_dir, self.cache_dir, self.allow_download, check_stop=self.check_stop
+        )
         self.add_time("data_s", time.perf_counter() - start)
         return dataset
 

@@ -147,3 +147,27 @@ def test_damaged_cache_is_rebuilt(tmp_path):
     (cache_file,) = (tmp_path / "cache" / "datasets" / "mnist_lenet5").glob("train-*.safetensors")
     cache_file.write_bytes(b"garbage")
     assert len(load_split("mnist_lenet5", "train", tmp_path, tmp_path / "cache")) == 20
+
+
+def test_decoding_stops_between_chunks_when_asked(tmp_path):
+    """A cancel during data loading: decoding stops after the chunk in hand, remaining chunks are
+    dropped, and nothing is cached."""
+    make_image_folder(tmp_path, "cifar10-jpg", {"train": 640, "test": 10}, CIFAR_CLASSES, as_zip=True)
+    calls = []
+
+    class Cancelled(Exception):
+        pass
+
+    def check_stop():
+        calls.append(1)
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        load_split("cifar10_dense", "train", tmp_path, tmp_path / "cache", check_stop=check_stop)
+    assert len(calls) == 1
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+    calls_done = []
+    train = load_split(
+        "cifar10_dense", "train", tmp_path, tmp_path / "cache", check_stop=lambda: calls_done.append(1)
+    )
+    assert len(train) == 640 and len(calls_done) >= 2  # checked after each chunk
