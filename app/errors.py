@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 
 from app.images import ImageRejected
+from core.jobs import JobRecordCorrupt
 from models_store.checkpoint import CheckpointInvalid, InvalidModelId, ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return _detail(
             503, f"the job queue (Redis at {url}) is unreachable: {exc}. Retry later.", {"Retry-After": "5"}
         )
+
+    @app.exception_handler(JobRecordCorrupt)
+    async def job_record_corrupt(request: Request, exc: JobRecordCorrupt) -> JSONResponse:
+        log.error("%s", exc)
+        return _detail(500, f"{exc}; the other jobs are unaffected")
 
     @app.exception_handler(InvalidModelId)
     async def invalid_model_id(request: Request, exc: InvalidModelId) -> JSONResponse:

@@ -23,17 +23,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 import redis
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from core.hyperparams import TaskName
+
+log = logging.getLogger(__name__)
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 _JSON_FIELDS = ("hyperparameters", "progress", "metrics", "timings")
@@ -95,6 +98,11 @@ class EpochMetrics(BaseModel):
     )
     duration_s: float = Field(description="Wall time of the epoch (train + eval), seconds.", examples=[7.9])
     images_per_s: float = Field(description="Training images per second in this epoch.", examples=[9100.5])
+
+
+class JobRecordCorrupt(Exception):
+    """A job's hash in Redis cannot be read as a ``JobRecord`` (edited by hand, or written by an
+    incompatible version)."""
 
 
 class JobRecord(BaseModel):
@@ -406,8 +414,9 @@ class JobStore:
         pipe.execute()
 
     def get(self, job_id: str) -> JobRecord | None:
+        """The job, or None if there is none. Raises ``JobRecordCorrupt`` for an unreadable record."""
         raw = self.redis.hgetall(self.job_key(job_id))
-        return _record_from_hash(raw) if raw else None
+        return _record_from_hash(job_id, raw) if raw else None
 
     def list(
         self, offset: int = 0, limit: int = 20, status: str | None = None, task: str | None = None
@@ -506,7 +515,7 @@ class JobStore:
         pipe = self.redis.pipeline()
         for job_id in ids:
             pipe.hgetall(self.job_key(job_id))
-        return [_record_from_hash(raw) if raw else None for raw in pipe.execute()]
+        return [_readable_record(job_id, raw) for job_id, raw in zip(ids, pipe.execute(), strict=True)]
 
 
 def _encode_fields(fields: dict[str, Any]) -> list[str]:
@@ -522,12 +531,26 @@ def _encode_fields(fields: dict[str, Any]) -> list[str]:
     return out
 
 
-def _record_from_hash(raw: dict[str, str]) -> JobRecord:
-    data: dict[str, Any] = {k: v for k, v in raw.items() if v != ""}
-    for name in _JSON_FIELDS:
-        if name in data:
-            data[name] = json.loads(data[name])
-    data["cancel_requested"] = data.get("cancel_requested") == "1"
-    if data.get("status") != JobStatus.running:  # the stage of a job that is not running is its status
-        data["progress"] = {**data.get("progress", {}), "stage": data.get("status", "queued")}
-    return JobRecord.model_validate(data)
+def _readable_record(job_id: str, raw: dict[str, str]) -> JobRecord | None:
+    """For listings: a record that cannot be read is logged and left out, not fatal to the page."""
+    if not raw:
+        return None
+    try:
+        return _record_from_hash(job_id, raw)
+    except JobRecordCorrupt as exc:
+        log.warning("%s", exc)
+        return None
+
+
+def _record_from_hash(job_id: str, raw: dict[str, str]) -> JobRecord:
+    try:
+        data: dict[str, Any] = {k: v for k, v in raw.items() if v != ""}
+        for name in _JSON_FIELDS:
+            if name in data:
+                data[name] = json.loads(data[name])
+        data["cancel_requested"] = data.get("cancel_requested") == "1"
+        if data.get("status") != JobStatus.running:  # the stage of a job that is not running is its status
+            data["progress"] = {**data.get("progress", {}), "stage": data.get("status", "queued")}
+        return JobRecord.model_validate(data)
+    except (ValueError, TypeError, ValidationError) as exc:  # JSONDecodeError is a ValueError
+        raise JobRecordCorrupt(f"the stored record of job {job_id} is unreadable: {exc}") from None

@@ -298,6 +298,23 @@ def test_idempotency_key_returns_the_same_job(stack):
     assert stack.redis().llen(queue_key) == 1
 
 
+def test_one_unreadable_job_record_does_not_break_the_listing(stack):
+    """A job hash edited by hand (or left by an incompatible version): listed around, and reading
+    it says what is wrong."""
+    with api_client(stack) as client:
+        good = client.post("/jobs", json={"task": "mnist_lenet5"}).json()["id"]
+        bad = "f" * 32
+        prefix = stack.env["REDIS_PREFIX"]
+        stack.redis().hset(f"{prefix}:job:{bad}", mapping={"status": "bogus", "task": "mnist_lenet5"})
+        stack.redis().zadd(f"{prefix}:jobs", {bad: 9e18})
+        listed = client.get("/jobs")
+        assert listed.status_code == 200 and [j["id"] for j in listed.json()["data"]] == [good]
+        assert [j["id"] for j in client.get("/jobs", params={"status": "queued"}).json()["data"]] == [good]
+        one = client.get(f"/jobs/{bad}")
+        assert one.status_code == 500 and f"record of job {bad} is unreadable" in one.json()["detail"]
+        assert client.get(f"/jobs/{good}").status_code == 200
+
+
 # Access --------------------------------------------------------------------------------------
 
 KEY = "k" * 24
