@@ -10,18 +10,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class BodyTooLarge(HTTPException):
-    def __init__(self, limit: int):
-        super().__init__(413, f"request body is larger than the limit of {limit} bytes")
+    def __init__(self, limit: int, why: str):
+        super().__init__(413, _message(limit, why))
+
+
+def _message(limit: int, why: str) -> str:
+    return f"request body is larger than the limit of {limit} bytes ({why})"
 
 
 class BodySizeLimitMiddleware:
-    """Answer 413 when a request's body exceeds ``limit_for(path)`` bytes.
+    """Answer 413 when a request's body exceeds the limit of its path.
+
+    ``limit_for(path)`` returns (limit in bytes, where the limit comes from, for the message).
 
     A declared Content-Length over the limit is refused before reading anything; otherwise the
     bytes are counted as they arrive and reading stops at the first chunk past the limit.
     """
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]):
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], tuple[int, str]]):
         self.app = app
         self.limit_for = limit_for
 
@@ -29,10 +35,10 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit_for(scope["path"])
+        limit, why = self.limit_for(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _send_413(send, limit)
+            await _send_413(send, limit, why)
             return
         received = 0
         started = False
@@ -43,7 +49,7 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge(limit)
+                    raise BodyTooLarge(limit, why)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -56,11 +62,11 @@ class BodySizeLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await _send_413(send, limit)
+                await _send_413(send, limit, why)
 
 
-async def _send_413(send: Send, limit: int) -> None:
-    body = json.dumps({"detail": f"request body is larger than the limit of {limit} bytes"}).encode()
+async def _send_413(send: Send, limit: int, why: str) -> None:
+    body = json.dumps({"detail": _message(limit, why)}).encode()
     await send(
         {
             "type": "http.response.start",

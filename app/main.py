@@ -74,10 +74,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(api_router)
     install_error_handlers(app)
-    upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD
+    upload_limit = (
+        settings.max_upload_bytes + MULTIPART_OVERHEAD,
+        f"MAX_UPLOAD_BYTES={settings.max_upload_bytes} for the file, plus {MULTIPART_OVERHEAD} for the form",
+    )
+    json_limit = (JSON_BODY_LIMIT, "the limit of a JSON request")
     app.add_middleware(
         BodySizeLimitMiddleware,
-        limit_for=lambda path: upload_limit if path == "/predict" else JSON_BODY_LIMIT,
+        limit_for=lambda path: upload_limit if path == "/predict" else json_limit,
     )
     if settings.cors_origins:
         app.add_middleware(

@@ -92,7 +92,7 @@ def test_upload_over_byte_limit_is_413(make_stack):
         assert response.status_code == 413 and "limit" in response.json()["detail"]
         huge = b"\x89PNG" + b"\x00" * (200 * 1024)
         response = post_image(client, huge)
-        assert response.status_code == 413
+        assert response.status_code == 413 and "MAX_UPLOAD_BYTES=4096" in response.json()["detail"]
 
 
 def test_top_k_bounds_and_clamping(lenet_stack):
