@@ -155,13 +155,14 @@ class CheckpointStore:
         return self.get(model_id)
 
     def list(self) -> list[CheckpointInfo]:
-        """All checkpoints, valid or not, newest first."""
+        """All checkpoints, valid or not, newest first. Symbolic links are not followed: a
+        checkpoint is a real directory written by ``save``."""
         if not self.root.is_dir():
             return []
         infos = [
             self._inspect(entry.name, Path(entry.path))
             for entry in os.scandir(self.root)
-            if entry.is_dir() and _MODEL_ID_RE.match(entry.name)
+            if entry.is_dir(follow_symlinks=False) and _MODEL_ID_RE.match(entry.name)
         ]
         return sorted(infos, key=lambda info: (info.created_at, info.model_id), reverse=True)
 
@@ -169,7 +170,7 @@ class CheckpointStore:
         """One checkpoint (possibly invalid). Raises ``InvalidModelId``, ``ModelNotFound``."""
         validate_model_id(model_id)
         path = self.root / model_id
-        if not path.is_dir():
+        if not path.is_dir() or path.is_symlink():
             raise ModelNotFound(f"no model with id {model_id!r}")
         return self._inspect(model_id, path)
 

@@ -136,3 +136,14 @@ def test_invalid_ids_never_reach_the_filesystem(tmp_path, bad):
 def test_unknown_id(tmp_path):
     with pytest.raises(ModelNotFound):
         CheckpointStore(tmp_path).get("nope")
+
+
+def test_symbolic_links_in_the_store_are_not_followed(tmp_path):
+    elsewhere = CheckpointStore(tmp_path / "elsewhere")
+    make_checkpoint(elsewhere, "outside")
+    store = CheckpointStore(tmp_path / "models")
+    make_checkpoint(store, "inside")
+    (tmp_path / "models" / "linked").symlink_to(tmp_path / "elsewhere" / "outside")
+    assert [i.model_id for i in store.list()] == ["inside"]
+    with pytest.raises(ModelNotFound):
+        store.get("linked")
