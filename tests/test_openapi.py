@@ -68,3 +68,11 @@ def test_docs_pages_work_offline():
     bundle = client.get("/static-docs/swagger-ui-bundle.js").text
     assert re.search(r'"5\.\d+\.\d+"', bundle)
     assert client.get("/openapi.json").json()["openapi"].startswith("3.1")
+
+
+def test_protected_operations_document_401(schema):
+    open_paths = {"/healthz", "/readyz"}
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            has_401 = "401" in operation["responses"]
+            assert has_401 == (path not in open_paths), (method, path)

@@ -6,12 +6,16 @@ from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.routes import health, jobs, models, predict
+from app.schemas import error_responses
 from app.security import require_api_key
 
 api_router = APIRouter()
 api_router.include_router(health.router)
 
-protected = APIRouter(dependencies=[Depends(require_api_key)])
+protected = APIRouter(
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(_401="Missing or wrong API key (when the server has API_KEYS)."),
+)
 protected.include_router(jobs.router)
 protected.include_router(models.router)
 protected.include_router(predict.router)
