@@ -7,7 +7,6 @@ import os
 import shutil
 import socket
 import subprocess
-import uuid
 
 import httpx
 import psutil
@@ -38,19 +37,11 @@ def run_script(checkout, env, *args):
 
 
 @pytest.fixture
-def env(tmp_path, redis_url):
-    name = uuid.uuid4().hex[:8]
+def env(stack):
+    """The process environment for the scripts: a private stack's settings (key prefix, queue,
+    folders) on a free port, without API keys."""
     environ = {k: v for k, v in os.environ.items() if k != "API_KEYS"}
-    return {
-        **environ,
-        "REDIS_URL": redis_url,
-        "REDIS_PREFIX": f"t-{name}",
-        "CELERY_QUEUE": f"t-{name}",
-        "MODELS_DIR": str(tmp_path / "models"),
-        "CACHE_DIR": str(tmp_path / "cache"),
-        "DATA_DIR": str(tmp_path / "data"),
-        "PORT": str(free_port()),
-    }
+    return {**environ, **stack.env, "PORT": str(free_port())}
 
 
 def test_up_starts_a_local_only_stack_restarts_parts_and_down_stops_it(checkout, env):
