@@ -101,6 +101,16 @@ class Preset:
         values["std"] = tuple(values["std"])
         return cls(**values)
 
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of a ``width`` x ``height`` image after the preset's ``Resize``, before
+        the crop. An int ``resize`` scales the shorter side to it and the longer one in
+        proportion (truncated, as torchvision's ``Resize`` does)."""
+        if not isinstance(self.resize, int):
+            return self.resize[1], self.resize[0]
+        short, long = sorted((width, height))
+        scaled_long = int(self.resize * long / short)
+        return (self.resize, scaled_long) if width <= height else (scaled_long, self.resize)
+
     def _resize_arg(self) -> int | list[int]:
         return list(self.resize) if isinstance(self.resize, tuple) else self.resize
 

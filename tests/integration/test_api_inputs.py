@@ -89,10 +89,26 @@ def test_upload_over_byte_limit_is_413(make_stack):
     assert 4096 < len(big) < 4096 + 64 * 1024  # under the body limit: the file-size check answers
     with api_client(stack) as client:
         response = post_image(client, big)
-        assert response.status_code == 413 and "limit" in response.json()["detail"]
+        assert response.status_code == 413 and "MAX_UPLOAD_BYTES" in response.json()["detail"]
         huge = b"\x89PNG" + b"\x00" * (200 * 1024)
         response = post_image(client, huge)
         assert response.status_code == 413 and "MAX_UPLOAD_BYTES=4096" in response.json()["detail"]
+
+
+def test_image_that_resizing_would_blow_up_is_413(make_stack):
+    """A 1 x 8000 strip is 8,000 pixels, but Resize(256) would make it 256 x 2,048,000: refused
+    before resizing. The same strip is fine for a fixed-size preset (MNIST: 28 x 28)."""
+    stack = make_stack(max_image_pixels=1_000_000)
+    make_model_checkpoint(stack.settings().models_dir, "hymenoptera_resnet18")
+    make_model_checkpoint(stack.settings().models_dir, "mnist_lenet5")
+    strip = image_bytes(Image.new("RGB", (1, 8000), (120, 60, 30)), "PNG")
+    with api_client(stack) as client:
+        refused = post_image(client, strip, task="hymenoptera_resnet18")
+        assert refused.status_code == 413
+        assert "256x2048000" in refused.json()["detail"] and "MAX_IMAGE_PIXELS" in refused.json()["detail"]
+        assert post_image(client, strip, task="mnist_lenet5").status_code == 200
+        photo = image_bytes(Image.new("RGB", (500, 375), (120, 60, 30)), "JPEG")
+        assert post_image(client, photo, task="hymenoptera_resnet18").status_code == 200
 
 
 def test_top_k_bounds_and_clamping(lenet_stack):

@@ -6,17 +6,19 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile, status
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
 from app.api.deps import RegistryDep, SettingsDep
-from app.images import InvertChoice, open_upload
+from app.images import ImageRejected, InvertChoice, open_upload
 from app.inference import ModelRegistry, predict
 from app.metrics import PREDICTION_SECONDS
 from app.schemas import ClassProbability, PredictionPublic, error_responses
 from core.config import Settings
 from core.hyperparams import TaskName
 from models_store.checkpoint import MODEL_ID_PATTERN
+from models_store.presets import Preset
 
 router = APIRouter(tags=["predict"])
 
@@ -82,7 +84,7 @@ async def predict_image(
     if len(data) > settings.max_upload_bytes:
         raise HTTPException(
             status.HTTP_413_CONTENT_TOO_LARGE,
-            f"the file is larger than the limit of {settings.max_upload_bytes} bytes",
+            f"the file is larger than the limit of {settings.max_upload_bytes} bytes (MAX_UPLOAD_BYTES)",
         )
     async with request.app.state.inference_slots:
         return await run_in_threadpool(_classify, registry, settings, data, model_id, task, top_k, invert)
@@ -121,6 +123,7 @@ def _classify(
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     loaded = registry.get(checkpoint)
+    _check_resized_size(image, loaded.preset, settings.max_image_pixels)
     start = time.perf_counter()
     result = predict(loaded, image, top_k, invert)
     PREDICTION_SECONDS.labels(task=loaded.task).observe(time.perf_counter() - start)
@@ -134,3 +137,16 @@ def _classify(
         inverted=result.inverted,
         image=info,
     )
+
+
+def _check_resized_size(image: Image.Image, preset: Preset, max_pixels: int) -> None:
+    """Refuse an image that the preset's Resize would blow up (a 1 x 8000 strip becomes
+    256 x 2,048,000 under Resize(256)): the resized image must fit ``max_pixels`` too."""
+    width, height = preset.resized_size(*image.size)
+    if width * height > max_pixels:
+        raise ImageRejected(
+            413,
+            f"the image is {image.width}x{image.height}; this model resizes it to {width}x{height} "
+            f"= {width * height} pixels, over the limit of {max_pixels} (MAX_IMAGE_PIXELS): crop it to "
+            "a less extreme aspect ratio",
+        )
