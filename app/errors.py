@@ -61,6 +61,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def redis_unavailable(request: Request, exc: redis.exceptions.RedisError) -> JSONResponse:
         url = redact_url(request.app.state.settings.redis_url)
         log.warning("Redis error on %s %s: %s", request.method, request.url.path, exc)
+        if isinstance(exc, redis.exceptions.ResponseError):  # reachable, but refused the command
+            return _detail(500, f"Redis at {url} refused a command ({exc}); the job data may be damaged")
         return _detail(
             503,
             f"Redis at {url} is unreachable ({type(exc).__name__}: {exc}); jobs cannot be read or "

@@ -415,7 +415,10 @@ class JobStore:
 
     def get(self, job_id: str) -> JobRecord | None:
         """The job, or None if there is none. Raises ``JobRecordCorrupt`` for an unreadable record."""
-        raw = self.redis.hgetall(self.job_key(job_id))
+        try:
+            raw = self.redis.hgetall(self.job_key(job_id))
+        except redis.ResponseError as exc:  # the key holds another type (WRONGTYPE)
+            raise JobRecordCorrupt(f"the stored record of job {job_id} is unreadable: {exc}") from None
         return _record_from_hash(job_id, raw) if raw else None
 
     def list(
@@ -515,7 +518,11 @@ class JobStore:
         pipe = self.redis.pipeline()
         for job_id in ids:
             pipe.hgetall(self.job_key(job_id))
-        return [_readable_record(job_id, raw) for job_id, raw in zip(ids, pipe.execute(), strict=True)]
+        replies = pipe.execute(raise_on_error=False)
+        for reply in replies:  # a lost connection is an outage; other errors are bad records
+            if isinstance(reply, redis.ConnectionError | redis.TimeoutError):
+                raise reply
+        return [_readable_record(job_id, raw) for job_id, raw in zip(ids, replies, strict=True)]
 
 
 def _encode_fields(fields: dict[str, Any]) -> list[str]:
@@ -531,9 +538,12 @@ def _encode_fields(fields: dict[str, Any]) -> list[str]:
     return out
 
 
-def _readable_record(job_id: str, raw: dict[str, str]) -> JobRecord | None:
+def _readable_record(job_id: str, raw: dict[str, str] | Exception) -> JobRecord | None:
     """For listings: a record that cannot be read is logged and left out, not fatal to the page."""
     if not raw:
+        return None
+    if isinstance(raw, Exception):
+        log.warning("the stored record of job %s is unreadable: %s", job_id, raw)
         return None
     try:
         return _record_from_hash(job_id, raw)

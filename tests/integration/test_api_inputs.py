@@ -329,6 +329,14 @@ def test_one_unreadable_job_record_does_not_break_the_listing(stack):
         one = client.get(f"/jobs/{bad}")
         assert one.status_code == 500 and f"record of job {bad} is unreadable" in one.json()["detail"]
         assert client.get(f"/jobs/{good}").status_code == 200
+        wrong_type = "e" * 32  # not even a hash
+        stack.redis().set(f"{prefix}:job:{wrong_type}", "hello")
+        stack.redis().zadd(f"{prefix}:jobs", {wrong_type: 9e18})
+        assert [j["id"] for j in client.get("/jobs").json()["data"]] == [good]
+        one = client.get(f"/jobs/{wrong_type}")
+        assert one.status_code == 500 and "unreadable" in one.json()["detail"]
+        cancel = client.post(f"/jobs/{wrong_type}/cancel")
+        assert cancel.status_code == 500 and "refused a command" in cancel.json()["detail"]
 
 
 # Access --------------------------------------------------------------------------------------

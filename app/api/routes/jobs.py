@@ -102,7 +102,9 @@ def list_jobs(
     "/{job_id}",
     response_model=JobPublic,
     summary="Read a job: status, progress, metrics",
-    responses=error_responses(_404="No such job.", _503="Redis is unreachable."),
+    responses=error_responses(
+        _404="No such job.", _500="The job's stored record is unreadable.", _503="Redis is unreachable."
+    ),
 )
 def get_job(job_id: JobId, jobs: JobStoreDep) -> JobPublic:
     record = jobs.get(job_id)
