@@ -29,6 +29,8 @@ fi
 PORT="${PORT:-8000}"
 ensure_redis "$REDIS_URL"
 
+alive() { kill -0 "$(cat "var/run/$1.pid")" 2>/dev/null; }
+
 start_worker() {
   "$ROOT/scripts/down.sh" --quiet worker || true
   nohup "$VENV/bin/celery" -A worker.celery_app worker --loglevel=INFO -n "worker1@%h" \
@@ -36,18 +38,29 @@ start_worker() {
   echo $! > var/run/worker.pid
 }
 
+port_free() {  # as uvicorn binds: SO_REUSEADDR, so connections in TIME_WAIT do not count
+  "$PY" -c "import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))" "$HOST" "$PORT" 2>/dev/null
+}
+
+refuse_port() {
+  echo "port $PORT on $HOST is already in use (another API?); stop it or choose another PORT" >&2
+  exit 1
+}
+
 start_api() {
-  "$ROOT/scripts/down.sh" --quiet api || true
-  if ! "$PY" -c "import socket, sys; s = socket.socket(); s.bind((sys.argv[1], int(sys.argv[2])))" "$HOST" "$PORT" 2>/dev/null; then
-    echo "port $PORT on $HOST is already in use (another API?); stop it or choose another PORT" >&2
-    exit 1
+  # checked before and after stopping this checkout's API: a refused start leaves the stack as it was
+  if ! port_free && ! { [ -f var/run/api.pid ] && alive api && [ "$(cat var/run/api.port 2>/dev/null)" = "$PORT" ]; }; then
+    refuse_port
   fi
+  "$ROOT/scripts/down.sh" --quiet api || true
+  port_free || refuse_port
   nohup "$VENV/bin/uvicorn" app.main:create_app --factory --host "$HOST" --port "$PORT" \
     >>var/log/api.log 2>&1 &
   echo $! > var/run/api.pid
+  echo "$PORT" > var/run/api.port
 }
-
-alive() { kill -0 "$(cat "var/run/$1.pid")" 2>/dev/null; }
 
 STARTED=""
 touch var/log/worker.log var/log/api.log
@@ -75,7 +88,9 @@ for _ in $(seq 300); do
   if ready; then
     case "$WHAT" in
       worker) echo "worker up (Redis $REDIS_URL); log: var/log/worker.log" ;;
-      *) echo "stack up: API $PROBE (Swagger UI: /docs), listening on $HOST:$PORT; Redis $REDIS_URL"
+      api) echo "API up: $PROBE (Swagger UI: /docs), listening on $HOST:$PORT; Redis $REDIS_URL" ;;&
+      all) echo "stack up: API $PROBE (Swagger UI: /docs), listening on $HOST:$PORT; Redis $REDIS_URL" ;;&
+      *)
          echo "data: $DATA_DIR  models: $MODELS_DIR  logs: var/log/  stop: scripts/down.sh" ;;
     esac
     exit 0

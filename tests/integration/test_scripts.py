@@ -71,3 +71,31 @@ def test_up_refuses_a_port_another_process_holds(checkout, env):
     assert up.returncode == 1
     assert f"port {env['PORT']} on 127.0.0.1 is already in use" in up.stderr
     assert not (checkout / "var" / "run" / "api.pid").exists()
+
+
+def test_a_refused_start_leaves_the_running_stack_alone(checkout, env):
+    up = run_script(checkout, env, "up.sh", "api")
+    assert up.returncode == 0 and "API up" in up.stdout, up.stderr
+    api_pid = int((checkout / "var" / "run" / "api.pid").read_text())
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", free_port()))
+        other.listen()
+        taken = {**env, "PORT": str(other.getsockname()[1])}
+        refused = run_script(checkout, taken, "up.sh", "api")
+    assert refused.returncode == 1 and "already in use" in refused.stderr
+    assert (
+        psutil.pid_exists(api_pid) and httpx.get(f"http://127.0.0.1:{env['PORT']}/healthz").status_code == 200
+    )
+
+
+def test_down_never_kills_a_stranger_with_a_recycled_pid(checkout, env):
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        (checkout / "var" / "run").mkdir(parents=True)
+        (checkout / "var" / "run" / "api.pid").write_text(str(stranger.pid))
+        down = run_script(checkout, env, "down.sh", "api")
+        assert down.returncode == 0 and "stopped" not in down.stdout
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
