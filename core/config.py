@@ -153,6 +153,10 @@ class Settings(BaseSettings):
             raise ValueError("every API key must be at least 16 characters long")
         return self
 
+    def resume_dir(self, job_id: str) -> Path:
+        """Where job ``job_id`` keeps its per-epoch resume state (worker side)."""
+        return self.cache_dir / "jobs" / job_id
+
     def check_api_security(self) -> None:
         """Refuse to serve without API keys outside development; raises ``RuntimeError``."""
         if not self.api_keys and self.environment != "development":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import threading
 from datetime import UTC, datetime
@@ -39,6 +40,8 @@ def reap_once(store: JobStore) -> list[str]:
     requeued = []
     for job_id, outcome in store.requeue_orphans():
         log.warning("job %s: its worker was lost; %s", job_id, outcome)
+        if outcome == "cancelled":  # a cancel was pending: the job will never resume
+            shutil.rmtree(settings.resume_dir(job_id), ignore_errors=True)
         if outcome == "requeued":
             enqueue_training(app, job_id)
             requeued.append(job_id)

@@ -29,6 +29,9 @@ CANCELLED = "cancelled"
 LEASE_LOST = "lease lost"
 
 
+FINAL_STATUSES = {s.value for s in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)}
+
+
 def select_device(choice: str) -> torch.device:
     """``auto``: CUDA when available, else CPU. Raises ``RuntimeError`` for ``cuda`` without one."""
     if choice == "cpu":
@@ -89,13 +92,15 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
     )
     if start.outcome != "started":
         log.info("job %s not run: %s", job_id, start.outcome)
+        if start.outcome in FINAL_STATUSES:  # e.g. failed after MAX_ATTEMPTS: it will never resume
+            ResumeStore(settings.resume_dir(job_id)).clear()
         return start.outcome
     record = store.get(job_id)
     log.info("job %s (%s) started on %s, attempt %d", job_id, record.task, device, start.attempts)
     if device_error:
         _finish(store, job_id, token, JobStatus.failed, error=device_error)
         return JobStatus.failed.value
-    resume = ResumeStore(settings.cache_dir / "jobs" / job_id)
+    resume = ResumeStore(settings.resume_dir(job_id))
     checkpoints = CheckpointStore(settings.models_dir)
     with LeaseHeartbeat(store, job_id, token, settings.job_lease_ttl_s) as heartbeat:
         ctx, latest = _context(settings, store, job_id, token, device, resume, heartbeat)

@@ -71,13 +71,16 @@ def test_worker_lost_too_often_fails_with_the_reason(make_stack, start_worker, s
     first = start_worker(stack)
     with api_client(stack) as client:
         job_id = submit(client, "mnist_lenet5", epochs=100)
-        wait_for(lambda: client.get(f"/jobs/{job_id}").json()["status"] == "running", 120, 0.05, "running")
+        wait_for(lambda: client.get(f"/jobs/{job_id}").json()["metrics"], 120, 0.05, "one epoch")
+        resume_dir = stack.settings().resume_dir(job_id)
+        wait_for(lambda: any(resume_dir.glob("*")), 30, 0.05, "resume state")
         first.kill()
         start_worker(stack)
         done = wait_for_status(client, job_id, {"succeeded", "failed"}, timeout=120)
     assert (
         done["status"] == "failed" and "gave up after 1 attempts" in done["error"] and "lost" in done["error"]
     )
+    wait_for(lambda: not resume_dir.exists(), 10, 0.05, "the resume state to be deleted")
 
 
 def test_redelivery_while_running_never_runs_the_job_twice(make_stack, start_worker, synthetic_data_dir):
