@@ -168,7 +168,7 @@ class JobRecord(BaseModel):
     model_id: str | None = Field(
         None,
         description="Checkpoint it produced (see /models).",
-        examples=["mnist_lenet5-20261129t161500-5f2c1e0b"],
+        examples=["mnist_lenet5-20261129-161500-5f2c1e0b"],
     )
     attempts: int = Field(
         0, description="How many times a worker started it (>1 after a worker was lost).", examples=[1]
