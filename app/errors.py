@@ -10,15 +10,20 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
 from app.images import ImageRejected
 from core.jobs import JobRecordCorrupt
 from models_store.checkpoint import CheckpointInvalid, InvalidModelId, ModelNotFound
 
 log = logging.getLogger(__name__)
+
+BODY_PARSE_ERROR = "There was an error parsing the body"  # fastapi.routing's message
 
 
 def redact_url(url: str) -> str:
@@ -56,6 +61,16 @@ def install_error_handlers(app: FastAPI) -> None:
         """FastAPI's 422, but safe for inputs JSON cannot carry back (NaN, Infinity, 1e400, lone
         surrogates), which would otherwise turn the 422 into a 500."""
         return JSONResponse({"detail": json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """FastAPI's own, except that its bare "error parsing the body" 400 says what was wrong
+        (invalid UTF-8, nesting too deep, an integer with too many digits, ...)."""
+        if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR and exc.__cause__ is not None:
+            cause = exc.__cause__
+            reason = f"{type(cause).__name__}: {cause}"[:300]
+            return _detail(400, f"the request body is not valid JSON ({reason})")
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(redis.exceptions.RedisError)
     async def redis_unavailable(request: Request, exc: redis.exceptions.RedisError) -> JSONResponse:

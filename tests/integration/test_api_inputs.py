@@ -292,6 +292,16 @@ def test_non_json_and_oversized_job_bodies(stack):
             assert response.status_code == 415 and "application/json" in response.json()["detail"]
         response = client.post("/jobs", content=b"{not json", headers={"content-type": "application/json"})
         assert response.status_code == 422
+        for body, reason in (
+            (b'{"task": "\xff"}', "UnicodeDecodeError"),
+            (b"[" * 100_000 + b"]" * 100_000, "RecursionError"),
+            (b'{"task": ' + b"9" * 5000 + b"}", "digits"),
+        ):
+            response = client.post("/jobs", content=body, headers={"content-type": "application/json"})
+            assert response.status_code == 400 and "not valid JSON" in response.json()["detail"]
+            assert reason in response.json()["detail"]
+        assert client.get("/jobs").json()["count"] == 0
+        assert client.get("/jobs/" + "a" * 32).status_code == 404  # other HTTP errors as before
         response = client.post(
             "/jobs", content=b" " * (2 * 1024 * 1024), headers={"content-type": "application/json"}
         )
