@@ -27,6 +27,7 @@ from pathlib import Path
 from threading import Lock
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -35,6 +36,38 @@ _MODEL_ID_RE = re.compile(MODEL_ID_PATTERN)
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 1
+
+
+class _WeightsEntry(BaseModel):
+    sha256: str
+    bytes: int
+
+
+class _MetadataShape(BaseModel):
+    """The fields of metadata.json that the store and the API read, with their types (others are
+    kept as they are)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    task: str
+    created_at: str
+    weights: _WeightsEntry
+    classes: list[str] = []
+    metrics: dict = {}
+    hyperparameters: dict = {}
+    job_id: str | None = None
+    device: str | None = None
+    pretrained: dict | None = None
+
+
+def _metadata_problem(metadata: dict) -> str | None:
+    """None if ``metadata`` has the expected shape, else what is wrong (first three problems)."""
+    try:
+        _MetadataShape.model_validate(metadata)
+    except ValidationError as exc:
+        problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3]]
+        return "; ".join(problems)
+    return None
 
 
 class CheckpointError(Exception):
@@ -237,6 +270,10 @@ class CheckpointStore:
             return info
         if not isinstance(metadata, dict):
             info.error = "unreadable checkpoint: metadata.json is not an object"
+            return info
+        problem = _metadata_problem(metadata)
+        if problem:  # never handed on: the API would trip over the wrong types
+            info.error = f"invalid metadata.json: {problem}"
             return info
         info.metadata = metadata
         info.size_bytes = stat.st_size

@@ -147,3 +147,25 @@ def test_symbolic_links_in_the_store_are_not_followed(tmp_path):
     assert [i.model_id for i in store.list()] == ["inside"]
     with pytest.raises(ModelNotFound):
         store.get("linked")
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"task": "mnist_lenet5", "created_at": 12},
+        {"task": ["x"], "created_at": "2026-11-29T00:00:00+00:00"},
+        {"task": "mnist_lenet5", "created_at": None},
+    ],
+)
+def test_metadata_of_the_wrong_shape_is_listed_invalid_not_fatal(tmp_path, metadata):
+    store = CheckpointStore(tmp_path)
+    make_checkpoint(store, "good")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metadata.json").write_text(json.dumps(metadata))
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"")
+    listed = {i.model_id: i for i in store.list()}
+    assert listed["good"].valid and not listed["broken"].valid
+    assert "invalid metadata.json" in listed["broken"].error and not listed["broken"].metadata
+    assert store.newest("mnist_lenet5").model_id == "good"
+    with pytest.raises(CheckpointInvalid, match="invalid metadata.json"):
+        store.load("broken")
