@@ -253,6 +253,11 @@ def _folder_members(source: _FolderSource, split: str) -> tuple[list[str], list[
     classes = sorted(by_class)
     if not classes:
         raise DatasetCorrupt(f"no class folders in split {split!r} of {_describe(source)}")
+    empty = [cls for cls in classes if not by_class[cls]]
+    if empty:  # as torchvision's ImageFolder: an empty folder would become a class never seen
+        raise DatasetCorrupt(
+            f"class folder(s) {', '.join(empty)} in split {split!r} of {_describe(source)} hold no images"
+        )
     members = [(m, i) for i, cls in enumerate(classes) for m in by_class[cls]]
     return classes, members
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from core.hyperparams import Hyperparameters, parse_hyperparameters
 from core.jobs import EpochMetrics, JobProgress
 from models_store.presets import PRESETS, Preset
-from worker.data import ImageDataset, load_split
+from worker.data import DatasetCorrupt, ImageDataset, load_split
 from worker.resume import ResumeState, ResumeStore
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class TrainingContext:
     stop_check_interval_s: float = 0.25
     timings: dict[str, float] = field(default_factory=dict)
     _last_stop_check: float = field(default=0.0, repr=False)
+    _classes: dict[str, tuple[str, list[str]]] = field(default_factory=dict, repr=False)
 
     def check_stop(self, force: bool = False) -> None:
         """Raise ``StopTraining`` if ``should_stop`` names a reason.
@@ -106,7 +107,18 @@ class TrainingContext:
             task, split, self.data_dir, self.cache_dir, self.allow_download, check_stop=self.check_stop
         )
         self.add_time("data_s", time.perf_counter() - start)
+        self._check_same_classes(task, split, dataset)
         return dataset
+
+    def _check_same_classes(self, task: str, split: str, dataset: ImageDataset) -> None:
+        """Every split of a task must have the same classes, or labels would silently mean
+        different things in training and evaluation. Raises ``DatasetCorrupt``."""
+        first = self._classes.setdefault(task, (split, dataset.classes))
+        if first[1] != dataset.classes:
+            raise DatasetCorrupt(
+                f"the {first[0]} and {split} splits of {task} have different classes: "
+                f"{first[0]} {first[1]}, {split} {dataset.classes} ({dataset.source})"
+            )
 
 
 @dataclass

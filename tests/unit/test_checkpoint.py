@@ -167,5 +167,5 @@ def test_metadata_of_the_wrong_shape_is_listed_invalid_not_fatal(tmp_path, metad
     assert listed["good"].valid and not listed["broken"].valid
     assert "invalid metadata.json" in listed["broken"].error and not listed["broken"].metadata
     assert store.newest("mnist_lenet5").model_id == "good"
-    with pytest.raises(CheckpointInvalid, match="invalid metadata.json"):
+    with pytest.raises(CheckpointInvalid, match=r"invalid metadata\.json"):
         store.load("broken")

@@ -14,6 +14,7 @@ from PIL import Image
 from tests.factories import CIFAR_CLASSES, make_cifar_batches, make_hymenoptera, make_image_folder, make_mnist
 from worker import data as data_module
 from worker.data import DatasetCorrupt, DatasetNotFound, clear_memory_cache, load_split
+from worker.training import TrainingContext
 
 
 @pytest.fixture(autouse=True)
@@ -171,3 +172,19 @@ def test_decoding_stops_between_chunks_when_asked(tmp_path):
         "cifar10_dense", "train", tmp_path, tmp_path / "cache", check_stop=lambda: calls_done.append(1)
     )
     assert len(train) == 640 and len(calls_done) >= 2  # checked after each chunk
+
+
+def test_empty_class_folder_is_refused_not_made_a_class(tmp_path):
+    make_hymenoptera(tmp_path, train=8, val=4)
+    (tmp_path / "hymenoptera_data" / "train" / "wasps").mkdir()
+    with pytest.raises(DatasetCorrupt, match=r"wasps .* hold no images"):
+        load_split("hymenoptera_resnet18", "train", tmp_path, tmp_path / "cache")
+
+
+def test_splits_with_different_classes_fail_the_job(tmp_path):
+    make_hymenoptera(tmp_path, train=8, val=4)
+    shutil.rmtree(tmp_path / "hymenoptera_data" / "val" / "ants")
+    ctx = TrainingContext(data_dir=tmp_path, cache_dir=tmp_path / "cache")
+    ctx.load("hymenoptera_resnet18", "train")
+    with pytest.raises(DatasetCorrupt, match=r"different classes: train \['ants', 'bees'\], val \['bees'\]"):
+        ctx.load("hymenoptera_resnet18", "val")
