@@ -9,12 +9,24 @@ source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 install_deps
 mkdir -p var/log var/run
+if [ -f .env ]; then  # .env as the service reads it (python-dotenv): the environment wins over it
+  eval "$("$PY" -c 'import os, shlex
+from dotenv import dotenv_values
+for k, v in dotenv_values(".env").items():
+    if v is not None and k not in os.environ:
+        print(f"export {k}={shlex.quote(v)}")')"
+fi
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
 if [ -z "${DATA_DIR:-}" ]; then
   if [ -d "$ROOT/../shared/datasets" ]; then DATA_DIR="$(cd "$ROOT/../shared/datasets" && pwd)"; else DATA_DIR="$ROOT/data"; fi
 fi
 export DATA_DIR
-if [ ! -e "$DATA_DIR/MNIST" ] && [ ! -e "$DATA_DIR/cifar10-jpg.zip" ] && [ ! -e "$DATA_DIR/hymenoptera_data.zip" ]; then
+found=""
+for layout in MNIST/raw/train-images-idx3-ubyte MNIST/raw/train-images-idx3-ubyte.gz cifar-10-batches-py \
+  cifar10-jpg cifar10-jpg.zip cifar10 cifar10.zip hymenoptera_data hymenoptera_data.zip; do
+  [ -e "$DATA_DIR/$layout" ] && found=1
+done
+if [ -z "$found" ]; then
   echo "warning: no datasets in DATA_DIR=$DATA_DIR; jobs will fail until you set DATA_DIR (or ALLOW_DOWNLOAD=true)" >&2
 fi
 export MODELS_DIR="${MODELS_DIR:-$ROOT/var/models}" CACHE_DIR="${CACHE_DIR:-$ROOT/var/cache}"
@@ -27,13 +39,15 @@ else
   HOST="${HOST:-0.0.0.0}"
 fi
 PORT="${PORT:-8000}"
+WORKER_NAME="${WORKER_NAME:-worker-$$}"
 ensure_redis "$REDIS_URL"
 
 alive() { kill -0 "$(cat "var/run/$1.pid")" 2>/dev/null; }
 
 start_worker() {
   "$ROOT/scripts/down.sh" --quiet worker || true
-  nohup "$VENV/bin/celery" -A worker.celery_app worker --loglevel=INFO -n "worker1@%h" \
+  # a node name of its own, so that workers of several checkouts on one host stay apart in /readyz
+  nohup "$VENV/bin/celery" -A worker.celery_app worker --loglevel=INFO -n "$WORKER_NAME@%h" \
     >>var/log/worker.log 2>&1 &
   echo $! > var/run/worker.pid
 }
@@ -71,7 +85,7 @@ PROBE="http://$([ "$HOST" = 0.0.0.0 ] && echo 127.0.0.1 || echo "$HOST"):$PORT"
 
 ready() {
   case "$WHAT" in
-    worker) tail -n +"$WORKER_LOG_START" var/log/worker.log | grep -q "worker1@.* ready" ;;
+    worker) tail -n +"$WORKER_LOG_START" var/log/worker.log | grep -q "$WORKER_NAME@.* ready" ;;
     api) curl -fs "$PROBE/readyz" >/dev/null ;;
     all) curl -fs "$PROBE/readyz" | grep -q '"workers":\[{' ;;
   esac

@@ -44,11 +44,14 @@ def env(stack):
     return {**environ, **stack.env, "PORT": str(free_port())}
 
 
-def test_up_starts_a_local_only_stack_restarts_parts_and_down_stops_it(checkout, env):
+def test_up_starts_a_local_only_stack_restarts_parts_and_down_stops_it(checkout, env, tmp_path):
+    del env["DATA_DIR"]  # from .env instead; the environment's MODELS_DIR wins over .env's
+    (checkout / ".env").write_text(f"DATA_DIR={tmp_path / 'from-dotenv'}\nMODELS_DIR=/nonexistent\n")
     up = run_script(checkout, env, "up.sh")
     assert up.returncode == 0, up.stderr + up.stdout
+    assert f"data: {tmp_path / 'from-dotenv'}" in up.stdout and f"models: {env['MODELS_DIR']}" in up.stdout
     url = f"http://127.0.0.1:{env['PORT']}"
-    assert httpx.get(f"{url}/readyz").json()["workers"]
+    [first_worker] = [w["name"] for w in httpx.get(f"{url}/readyz").json()["workers"]]
     api_pid = (checkout / "var" / "run" / "api.pid").read_text()
     listening = {
         c.laddr.ip for c in psutil.Process(int(api_pid)).net_connections("tcp") if c.status == "LISTEN"
@@ -57,6 +60,8 @@ def test_up_starts_a_local_only_stack_restarts_parts_and_down_stops_it(checkout,
     worker = run_script(checkout, env, "up.sh", "worker")
     assert worker.returncode == 0 and "worker up" in worker.stdout, worker.stderr
     assert (checkout / "var" / "run" / "api.pid").read_text() == api_pid  # the API kept running
+    listed = [w["name"] for w in httpx.get(f"{url}/readyz").json()["workers"]]
+    assert len(listed) == 1 and listed[0] != first_worker  # each start has a node name of its own
     down = run_script(checkout, env, "down.sh")
     assert down.returncode == 0 and "stopped api" in down.stdout and "stopped worker" in down.stdout
     with pytest.raises(httpx.ConnectError):
