@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.load --duration 10 --jobs 20 --concurrency 8   # a quick run
 
 By default it starts its own API (uvicorn) and worker with a private Redis key prefix, trains a
-LeNet-5 for one epoch on DATA_DIR's MNIST (or reuses --model-id), then:
+LeNet-5 for one epoch on DATA_DIR's MNIST, then:
 
 1. drives ``POST /predict`` with ``--concurrency`` clients for ``--duration`` seconds, each sending
    real MNIST test digits, sampling the API process's RSS every 0.5 s;
@@ -37,6 +37,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import redis
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from torchvision.datasets.mnist import read_image_file
@@ -66,7 +67,8 @@ class Stack:
     def __init__(self, args: argparse.Namespace, workdir: Path):
         tag = uuid.uuid4().hex[:8]
         self.env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k.upper() != "API_KEYS"},  # its clients send no key
+            "API_KEYS": "",
             "ENVIRONMENT": "development",
             "REDIS_URL": args.redis_url,
             "REDIS_PREFIX": f"load-{tag}",
@@ -102,6 +104,7 @@ class Stack:
         raise RuntimeError(f"stack did not start; see {self.workdir / 'stack.log'}")
 
     def stop(self) -> None:
+        """Stop the processes and delete this run's Redis keys (its job records and queue)."""
         for process in self.processes:
             process.terminate()
         for process in self.processes:
@@ -109,6 +112,10 @@ class Stack:
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
+        client = redis.Redis.from_url(self.env["REDIS_URL"])
+        keys = list(client.scan_iter(f"{self.env['REDIS_PREFIX']}:*", count=1000))
+        if keys:
+            client.delete(*keys)
 
 
 class MemorySampler(threading.Thread):
@@ -273,8 +280,8 @@ def main() -> int:
     args = parse_args()
     workdir = ROOT / "var" / "load" / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     stack = Stack(args, workdir)
-    stack.start()
     try:
+        stack.start()
         model_id = train_model(stack.url)
         images = mnist_pngs(args.data_dir)
         asyncio.run(predict_load(stack.url, model_id, images, 3, args.concurrency))  # warm-up
