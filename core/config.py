@@ -150,7 +150,9 @@ class Settings(BaseSettings):
         if self.resnet18_weights == "local" and self.resnet18_weights_file is None:
             raise ValueError("RESNET18_WEIGHTS=local needs RESNET18_WEIGHTS_FILE")
         if any(len(key) < 16 for key in self.api_keys):
-            raise ValueError("every API key must be at least 16 characters long")
+            raise ValueError("API_KEYS: every API key must be at least 16 characters long")
+        if any(not key.isprintable() or any(c.isspace() for c in key) for key in self.api_keys):
+            raise ValueError("API_KEYS: keys cannot contain spaces or control characters (a Bearer token)")
         return self
 
     def resume_dir(self, job_id: str) -> Path:

@@ -151,6 +151,18 @@ def clear_memory_cache() -> None:
 # Locating -----------------------------------------------------------------------------------
 
 
+def _download(what: str, source: str, data_dir: Path, fetch: Callable[[], object]) -> None:
+    """Run ``fetch``; any failure becomes a ``DatasetNotFound`` that says what was downloaded
+    from where to where."""
+    try:
+        fetch()
+    except Exception as exc:
+        raise DatasetNotFound(
+            f"{what} is not in DATA_DIR={data_dir} and downloading it from {source} failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def _locate_mnist(data_dir: Path, split: str, allow_download: bool) -> tuple[str, object]:
     raw = data_dir / "MNIST" / "raw"
     names = MNIST_FILES[split]
@@ -160,7 +172,9 @@ def _locate_mnist(data_dir: Path, split: str, allow_download: bool) -> tuple[str
     if allow_download:
         from torchvision.datasets import MNIST
 
-        MNIST(root=str(data_dir), train=split == "train", download=True)
+        _download(
+            "MNIST", "torchvision's MNIST mirrors", data_dir, lambda: MNIST(str(data_dir), download=True)
+        )
         return _locate_mnist(data_dir, split, allow_download=False)
     looked = ", ".join(str(raw / n) + "[.gz]" for n in names)
     raise DatasetNotFound(
@@ -182,7 +196,7 @@ def _locate_cifar10(data_dir: Path, split: str, allow_download: bool) -> tuple[s
     if allow_download:
         from torchvision.datasets import CIFAR10
 
-        CIFAR10(root=str(data_dir), train=split == "train", download=True)
+        _download("CIFAR-10", CIFAR10.url, data_dir, lambda: CIFAR10(str(data_dir), download=True))
         return _locate_cifar10(data_dir, split, allow_download=False)
     raise DatasetNotFound(
         f"CIFAR-10 {split} split not found: looked for torchvision batches in {looked[0]} and for "
@@ -198,7 +212,12 @@ def _locate_hymenoptera(data_dir: Path, split: str, allow_download: bool) -> tup
     if allow_download:
         from torchvision.datasets.utils import download_and_extract_archive
 
-        download_and_extract_archive(HYMENOPTERA_URL, download_root=str(data_dir))
+        _download(
+            "hymenoptera",
+            HYMENOPTERA_URL,
+            data_dir,
+            lambda: download_and_extract_archive(HYMENOPTERA_URL, download_root=str(data_dir)),
+        )
         return _locate_hymenoptera(data_dir, split, allow_download=False)
     raise DatasetNotFound(
         f"hymenoptera {split} split not found: looked for {data_dir / 'hymenoptera_data'}/{split}/"

@@ -410,8 +410,10 @@ def test_no_keys_in_development_warns(stack, caplog):
 
 
 def test_short_keys_are_refused(make_stack):
-    with pytest.raises(ValueError, match="16 characters"):
+    with pytest.raises(ValueError, match="API_KEYS: every API key must be at least 16 characters"):
         make_stack(api_keys=["short"]).settings()
+    with pytest.raises(ValueError, match="API_KEYS: keys cannot contain spaces"):
+        make_stack(api_keys=["abcdefgh ijklmnopqrstu"]).settings()
 
 
 def test_cors_off_by_default_and_configurable(make_stack):

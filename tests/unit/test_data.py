@@ -188,3 +188,14 @@ def test_splits_with_different_classes_fail_the_job(tmp_path):
     ctx.load("hymenoptera_resnet18", "train")
     with pytest.raises(DatasetCorrupt, match=r"different classes: train \['ants', 'bees'\], val \['bees'\]"):
         ctx.load("hymenoptera_resnet18", "val")
+
+
+def test_failed_download_says_what_from_where(tmp_path, monkeypatch):
+    """ALLOW_DOWNLOAD with the archive unreachable (here: a closed local port, so no internet is
+    needed): the job's error names the dataset, the URL and DATA_DIR."""
+    url = "http://127.0.0.1:9/hymenoptera_data.zip"
+    monkeypatch.setattr(data_module, "HYMENOPTERA_URL", url)
+    with pytest.raises(
+        DatasetNotFound, match=r"hymenoptera is not in DATA_DIR=.* downloading it from http://127"
+    ):
+        load_split("hymenoptera_resnet18", "train", tmp_path, tmp_path / "cache", allow_download=True)
