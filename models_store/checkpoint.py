@@ -187,6 +187,14 @@ class CheckpointStore:
             raise
         return self.get(model_id)
 
+    def check_writable(self) -> None:
+        """Create and remove a hidden directory in the store; raises ``OSError`` if it cannot (so
+        a job can fail before training instead of after)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        probe = self.root / f".tmp-probe-{uuid.uuid4().hex[:8]}"
+        probe.mkdir()
+        probe.rmdir()
+
     def list(self) -> list[CheckpointInfo]:
         """All checkpoints, valid or not, newest first. Symbolic links are not followed: a
         checkpoint is a real directory written by ``save``."""

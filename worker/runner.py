@@ -106,6 +106,7 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
         ctx, latest = _context(settings, store, job_id, token, device, resume, heartbeat)
         started = time.perf_counter()
         try:
+            _check_models_dir(checkpoints)
             result = run_training(record.task, record.hyperparameters, ctx)
             ctx.check_stop(force=True)
             checkpoint_start = time.perf_counter()
@@ -204,10 +205,20 @@ def save_checkpoint(
     try:
         checkpoints.save(model_id, result.tensors, metadata)
     except OSError as exc:
-        raise OSError(
-            exc.errno, f"could not write checkpoint to {checkpoints.root}: {exc.strerror or exc}"
-        ) from exc
+        raise _unwritable(checkpoints, exc) from exc
     return model_id
+
+
+def _check_models_dir(checkpoints: CheckpointStore) -> None:
+    """Fail the job before training if MODELS_DIR cannot be written. Raises ``OSError``."""
+    try:
+        checkpoints.check_writable()
+    except OSError as exc:
+        raise _unwritable(checkpoints, exc) from exc
+
+
+def _unwritable(checkpoints: CheckpointStore, exc: OSError) -> OSError:
+    return OSError(exc.errno, f"could not write checkpoint to {checkpoints.root}: {exc.strerror or exc}")
 
 
 def _context(

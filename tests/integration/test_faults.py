@@ -250,6 +250,7 @@ def test_unwritable_models_dir_fails_the_job_clearly(make_stack, start_worker, s
             job = wait_for_status(client, submit(client, "mnist_lenet5", epochs=1), {"succeeded", "failed"})
             assert job["status"] == "failed" and "could not write checkpoint" in job["error"], job["error"]
             assert job["model_id"] is None
+            assert job["metrics"] == []  # found out before training, not after
         assert client.get("/models").json() == {"data": [], "count": 0}
     assert worker.process.poll() is None
 
