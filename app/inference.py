@@ -109,11 +109,24 @@ class ModelRegistry:
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointInvalid(f"model {model_id}: metadata does not match its weights: {exc}") from exc
         model.eval()
+        outputs = _output_count(model, preset)
+        if outputs != len(classes):
+            raise CheckpointInvalid(
+                f"model {model_id}: metadata lists {len(classes)} classes, the weights have {outputs} outputs"
+            )
         return LoadedModel(model_id, meta["task"], model, preset, classes, meta["weights"]["sha256"])
 
     def cached_ids(self) -> list[str]:
         with self._lock:
             return list(self._cache)
+
+
+def _output_count(model: torch.nn.Module, preset: Preset) -> int:
+    """Number of logits the model produces (one forward pass on a zero image of the preset)."""
+    height, width = preset.input_size
+    zeros = torch.zeros(1, preset.channels, height, width, dtype=torch.uint8)
+    with torch.inference_mode():
+        return int(model(preset.normalize(zeros)).shape[1])
 
 
 def predict(loaded: LoadedModel, image: Image.Image, top_k: int, invert: InvertChoice) -> Prediction:

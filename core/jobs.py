@@ -512,7 +512,17 @@ class JobStore:
         """Live workers (those that refreshed their key within its TTL)."""
         keys = list(self.redis.scan_iter(f"{self.prefix}:worker:*", count=100))
         values = self.redis.mget(keys) if keys else []
-        return [json.loads(v) for v in values if v]
+        workers = []
+        for key, value in zip(keys, values, strict=True):
+            try:
+                info = json.loads(value) if value else None
+            except ValueError:
+                info = None
+            if isinstance(info, dict):
+                workers.append(info)
+            elif value:
+                log.warning("ignoring unreadable worker entry %s", key)
+        return workers
 
     def _get_many(self, ids: list[str]) -> list[JobRecord | None]:
         pipe = self.redis.pipeline()

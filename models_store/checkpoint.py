@@ -273,8 +273,8 @@ class CheckpointStore:
         try:
             metadata = self._read_metadata(path / METADATA_FILE)
             stat = (path / WEIGHTS_FILE).stat()
-        except (OSError, ValueError) as exc:
-            info.error = f"unreadable checkpoint: {exc}"
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
+            info.error = f"unreadable checkpoint: {type(exc).__name__}: {exc}"
             return info
         if not isinstance(metadata, dict):
             info.error = "unreadable checkpoint: metadata.json is not an object"

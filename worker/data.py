@@ -308,6 +308,9 @@ def _fingerprint(task: str, split: str, kind: str, source: object, preset: Prese
     for path in _source_files(kind, source, split):
         stat = path.stat()
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    if kind == "folder" and source.zip_path is None:  # class folders count, even empty ones
+        split_dir = Path(source.root) / split
+        digest.update(json.dumps(sorted(p.name for p in split_dir.iterdir() if p.is_dir())).encode())
     return digest.hexdigest()[:16]
 
 

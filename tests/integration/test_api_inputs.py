@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -219,6 +220,29 @@ def test_checkpoint_changed_after_loading_is_reverified(lenet_stack):
             "/predict", files={"file": ("d.png", digit_png())}, data={"model_id": model_id}
         )
         assert response.status_code == 409
+
+
+def test_metadata_whose_classes_do_not_match_the_weights_is_refused(stack):
+    """metadata.json edited to list fewer classes than the model has outputs (its sha256 covers
+    only the weights): refused with 409 instead of an IndexError; deep JSON is listed invalid."""
+    models_dir = stack.settings().models_dir
+    model_id = make_model_checkpoint(models_dir)
+    metadata_file = models_dir / model_id / "metadata.json"
+    metadata = json.loads(metadata_file.read_text())
+    metadata_file.write_text(json.dumps({**metadata, "classes": ["0", "1"]}))
+    (models_dir / "deep").mkdir()
+    (models_dir / "deep" / "metadata.json").write_text("[" * 100_000 + "]" * 100_000)
+    (models_dir / "deep" / "model.safetensors").write_bytes(b"")
+    with api_client(stack) as client:
+        response = client.post(
+            "/predict", files={"file": ("d.png", digit_png())}, data={"model_id": model_id}
+        )
+        assert (
+            response.status_code == 409
+            and "2 classes, the weights have 10 outputs" in response.json()["detail"]
+        )
+        listed = {m["id"]: m for m in client.get("/models").json()["data"]}
+        assert listed["deep"]["valid"] is False and "RecursionError" in listed["deep"]["error"]
 
 
 # Job requests --------------------------------------------------------------------------------

@@ -123,3 +123,10 @@ def test_delete_rolls_back_job_and_key(store):
     assert store.get(job.id) is None and store.list() == ([], 0)
     again, created = store.create("mnist_lenet5", HP, "key-x", "h")
     assert created and again.id != job.id
+
+
+def test_unreadable_worker_entries_are_skipped(store):
+    store.register_worker("good@host", {"name": "good@host"}, ttl_s=30)
+    store.redis.set(f"{store.prefix}:worker:bogus", "notjson")
+    store.redis.set(f"{store.prefix}:worker:list", "[1, 2]")
+    assert store.workers() == [{"name": "good@host"}]

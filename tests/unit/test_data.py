@@ -199,3 +199,12 @@ def test_failed_download_says_what_from_where(tmp_path, monkeypatch):
         DatasetNotFound, match=r"hymenoptera is not in DATA_DIR=.* downloading it from http://127"
     ):
         load_split("hymenoptera_resnet18", "train", tmp_path, tmp_path / "cache", allow_download=True)
+
+
+def test_empty_class_folder_added_after_caching_is_still_refused(tmp_path):
+    make_hymenoptera(tmp_path, train=8, val=4)
+    load_split("hymenoptera_resnet18", "train", tmp_path, tmp_path / "cache")
+    clear_memory_cache()
+    (tmp_path / "hymenoptera_data" / "train" / "wasps").mkdir()
+    with pytest.raises(DatasetCorrupt, match="wasps"):
+        load_split("hymenoptera_resnet18", "train", tmp_path, tmp_path / "cache")
