@@ -26,6 +26,7 @@ import io
 import json
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -84,6 +85,12 @@ class Stack:
         self.port = args.port
 
     def start(self) -> None:
+        with socket.socket() as probe:  # as uvicorn binds; a taken port must not lead to another API
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", self.port))
+            except OSError:
+                raise RuntimeError(f"port {self.port} is in use; pick a free one with --port") from None
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.workdir / "stack.log", "ab")  # noqa: SIM115 (kept open for the children)
         worker = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel=WARNING"]
@@ -94,11 +101,13 @@ class Stack:
         self.processes.append(self.api)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
+            if self.api.poll() is not None:  # e.g. the port was taken: never drive someone else's API
+                raise RuntimeError(f"its API exited at start; see {self.workdir / 'stack.log'}")
             try:
                 ready = httpx.get(f"{self.url}/readyz", timeout=2).json()
                 if ready.get("workers"):
                     return
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(0.5)
         raise RuntimeError(f"stack did not start; see {self.workdir / 'stack.log'}")

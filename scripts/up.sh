@@ -9,12 +9,17 @@ source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 install_deps
 mkdir -p var/log var/run
-if [ -f .env ]; then  # .env as the service reads it (python-dotenv): the environment wins over it
+if [ -f .env ]; then
+  # .env as the service reads it (python-dotenv, names case-insensitive, the environment wins);
+  # only settings and this script's PORT/HOST/WORKER_NAME, never its own variables
   eval "$("$PY" -c 'import os, shlex
 from dotenv import dotenv_values
-for k, v in dotenv_values(".env").items():
-    if v is not None and k not in os.environ:
-        print(f"export {k}={shlex.quote(v)}")')"
+from core.config import Settings
+allowed = {name.upper() for name in Settings.model_fields} | {"PORT", "HOST", "WORKER_NAME", "TORCH_HOME"}
+present = {name.upper() for name in os.environ}
+for name, value in dotenv_values(".env").items():
+    if value is not None and name.upper() in allowed and name.upper() not in present:
+        print(f"export {name.upper()}={shlex.quote(value)}")')"
 fi
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
 if [ -z "${DATA_DIR:-}" ]; then

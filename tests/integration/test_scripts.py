@@ -46,7 +46,9 @@ def env(stack):
 
 def test_up_starts_a_local_only_stack_restarts_parts_and_down_stops_it(checkout, env, tmp_path):
     del env["DATA_DIR"]  # from .env instead; the environment's MODELS_DIR wins over .env's
-    (checkout / ".env").write_text(f"DATA_DIR={tmp_path / 'from-dotenv'}\nMODELS_DIR=/nonexistent\n")
+    (checkout / ".env").write_text(
+        f"data_dir={tmp_path / 'from-dotenv'}\nMODELS_DIR=/nonexistent\nROOT=/elsewhere\nMY-VAR=1\n"
+    )
     up = run_script(checkout, env, "up.sh")
     assert up.returncode == 0, up.stderr + up.stdout
     assert f"data: {tmp_path / 'from-dotenv'}" in up.stdout and f"models: {env['MODELS_DIR']}" in up.stdout
