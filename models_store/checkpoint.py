@@ -145,7 +145,7 @@ class CheckpointStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._verified: dict[str, tuple[tuple, str | None]] = {}
-        self._metadata: dict[str, tuple[tuple, object]] = {}
+        self._metadata: dict[str, tuple[tuple, object, str | None]] = {}
         self._lock = Lock()
 
     def save(self, model_id: str, tensors: dict[str, torch.Tensor], metadata: dict) -> CheckpointInfo:
@@ -271,17 +271,13 @@ class CheckpointStore:
     def _inspect(self, model_id: str, path: Path) -> CheckpointInfo:
         info = CheckpointInfo(model_id=model_id, path=path)
         try:
-            metadata = self._read_metadata(path / METADATA_FILE)
+            metadata, problem = self._read_metadata(path / METADATA_FILE)
             stat = (path / WEIGHTS_FILE).stat()
         except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
             info.error = f"unreadable checkpoint: {type(exc).__name__}: {exc}"
             return info
-        if not isinstance(metadata, dict):
-            info.error = "unreadable checkpoint: metadata.json is not an object"
-            return info
-        problem = _metadata_problem(metadata)
         if problem:  # never handed on: the API would trip over the wrong types
-            info.error = f"invalid metadata.json: {problem}"
+            info.error = problem
             return info
         info.metadata = metadata
         info.size_bytes = stat.st_size
@@ -291,19 +287,25 @@ class CheckpointStore:
         info.valid = info.error is None
         return info
 
-    def _read_metadata(self, path: Path) -> object:
-        """Parsed metadata.json, re-read only when the file changes (listing on every request)."""
+    def _read_metadata(self, path: Path) -> tuple[object, str | None]:
+        """(parsed metadata.json, what is wrong with its shape or None), parsed and checked only
+        when the file changes (the store is listed on every request)."""
         stat = path.stat()
         signature = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
         key = str(path)
         with self._lock:
             cached = self._metadata.get(key)
-        if cached and cached[0] == signature:
-            return copy.deepcopy(cached[1])
-        metadata = json.loads(path.read_bytes())
-        with self._lock:
-            self._metadata[key] = (signature, metadata)
-        return copy.deepcopy(metadata)
+        if not cached or cached[0] != signature:
+            metadata = json.loads(path.read_bytes())
+            if isinstance(metadata, dict):
+                problem = _metadata_problem(metadata)
+                problem = problem and f"invalid metadata.json: {problem}"
+            else:
+                problem = "unreadable checkpoint: metadata.json is not an object"
+            cached = (signature, metadata, problem)
+            with self._lock:
+                self._metadata[key] = cached
+        return copy.deepcopy(cached[1]), cached[2]
 
     def _verify_cached(self, info: CheckpointInfo, signature: tuple) -> str | None:
         """sha256 check, remembered per weights file (size, mtime, inode) and expected hash."""

@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 from core.config import Settings
-from core.jobs import JobRecord, JobStatus, JobStore, redis_client
+from core.jobs import TERMINAL_STATUSES, JobRecord, JobStatus, JobStore, redis_client
 from models_store.checkpoint import CheckpointStore
 from models_store.presets import PRESETS
 from worker.resume import ResumeStore
@@ -27,9 +27,6 @@ log = logging.getLogger(__name__)
 
 CANCELLED = "cancelled"
 LEASE_LOST = "lease lost"
-
-
-FINAL_STATUSES = {s.value for s in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)}
 
 
 def select_device(choice: str) -> torch.device:
@@ -92,7 +89,7 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
     )
     if start.outcome != "started":
         log.info("job %s not run: %s", job_id, start.outcome)
-        if start.outcome in FINAL_STATUSES:  # e.g. failed after MAX_ATTEMPTS: it will never resume
+        if start.outcome in TERMINAL_STATUSES:  # e.g. failed after MAX_ATTEMPTS: it will never resume
             ResumeStore(settings.resume_dir(job_id)).clear()
         return start.outcome
     record = store.get(job_id)
