@@ -1,0 +1,1 @@
+"""imgclf: the command-line client of the service."""
