@@ -12,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
 from app.api.main import api_router
+from app.api.routes.ui import mount_ui
 from app.errors import install_error_handlers, redact_url
 from app.inference import ModelRegistry
 from app.limits import BodySizeLimitMiddleware
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.include_router(api_router)
+    mount_ui(app)
     install_error_handlers(app)
     upload_limit = (
         settings.max_upload_bytes + MULTIPART_OVERHEAD,

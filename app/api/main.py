@@ -5,12 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.routes import health, jobs, models, predict
+from app.api.routes import health, jobs, models, predict, ui
 from app.schemas import error_responses
 from app.security import require_api_key
 
 api_router = APIRouter()
 api_router.include_router(health.router)
+api_router.include_router(ui.router)  # the console's pages load without a key
 
 protected = APIRouter(
     dependencies=[Depends(require_api_key)],

@@ -1,0 +1,88 @@
+// The job list, refreshed every 2 s while it is shown.
+
+import { api } from "../api.js";
+import { badge, errorBox, evalAccuracy, fill, h, percent, shortId, when } from "../dom.js";
+
+const STATUSES = ["", "queued", "running", "succeeded", "failed", "cancelled"];
+const TASKS = ["", "cifar10_dense", "mnist_lenet5", "hymenoptera_resnet18"];
+
+function progressCell(job) {
+  const p = job.progress || {};
+  if (job.status !== "running") return job.metrics?.length ? `${job.metrics.length} epochs` : "—";
+  const frac = p.batches_total ? (p.epoch - 1 + p.batches_done / p.batches_total) / Math.max(p.epochs, 1) : 0;
+  return h(
+    "div",
+    { class: "mini-progress", title: p.stage || "" },
+    h("div", { class: "bar" }, h("span", { style: { width: `${Math.max(0, Math.min(1, frac)) * 100}%` } })),
+    h("small", {}, p.stage === "training" ? `epoch ${p.epoch}/${p.epochs}` : p.stage || ""),
+  );
+}
+
+export function render(root) {
+  let timer = null;
+  let stopped = false;
+  const status = h("select", { id: "jobs-status", "aria-label": "status" }, STATUSES.map((s) => h("option", { value: s }, s || "any status")));
+  const task = h("select", { id: "jobs-task", "aria-label": "task" }, TASKS.map((t) => h("option", { value: t }, t || "any task")));
+  const summary = h("span", { class: "muted" });
+  const body = h("div", {});
+  fill(
+    root,
+    h("div", { class: "title-row" }, h("h1", {}, "Jobs"), h("a", { class: "button", href: "#/train" }, "New job")),
+    h("div", { class: "filters" }, status, task, summary),
+    body,
+  );
+
+  async function refresh() {
+    const query = new URLSearchParams({ limit: "50" });
+    if (status.value) query.set("status", status.value);
+    if (task.value) query.set("task", task.value);
+    try {
+      const page = await api(`/jobs?${query}`);
+      if (stopped) return;
+      summary.textContent = `${page.data.length} of ${page.count}`;
+      if (!page.data.length) {
+        fill(body, h("p", { class: "empty" }, "No jobs yet. ", h("a", { href: "#/train" }, "Train a model"), "."));
+      } else {
+        fill(
+          body,
+          h(
+            "table",
+            { class: "table", id: "jobs-table" },
+            h("thead", {}, h("tr", {}, ["job", "task", "status", "progress", "accuracy", "created", "model"].map((c) => h("th", {}, c)))),
+            h(
+              "tbody",
+              {},
+              page.data.map((job) =>
+                h(
+                  "tr",
+                  { dataset: { job: job.id, status: job.status } },
+                  h("td", { class: "mono" }, h("a", { href: `#/jobs/${job.id}` }, shortId(job.id))),
+                  h("td", {}, job.task),
+                  h("td", {}, badge(job.status)),
+                  h("td", {}, progressCell(job)),
+                  h("td", { class: "num" }, percent(evalAccuracy(job.metrics?.at(-1)))),
+                  h("td", {}, when(job.created_at)),
+                  h("td", { class: "mono" }, job.model_id ? h("a", { href: `#/models/${job.model_id}` }, job.model_id) : "—"),
+                ),
+              ),
+            ),
+          ),
+        );
+      }
+    } catch (error) {
+      if (!stopped) fill(body, errorBox(error));
+    }
+    if (!stopped) timer = setTimeout(refresh, 2000);
+  }
+
+  for (const select of [status, task])
+    select.addEventListener("change", () => {
+      clearTimeout(timer);
+      refresh();
+    });
+  refresh();
+  return () => {
+    stopped = true;
+    clearTimeout(timer);
+  };
+}

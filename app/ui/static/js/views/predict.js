@@ -1,0 +1,135 @@
+// Predict: drop images onto the page (or choose files); each shows the image and top-k bars.
+
+import { api, openapi } from "../api.js";
+import { errorBox, fill, h, percent } from "../dom.js";
+
+async function tasks() {
+  try {
+    const doc = await openapi();
+    const mapping = doc.paths["/jobs"].post.requestBody.content["application/json"].schema.discriminator?.mapping;
+    if (mapping) return Object.keys(mapping);
+  } catch {}
+  return ["mnist_lenet5", "cifar10_dense", "hymenoptera_resnet18"];
+}
+
+function bars(result) {
+  return h(
+    "ol",
+    { class: "bars" },
+    result.predictions.map((p, i) =>
+      h(
+        "li",
+        { class: i === 0 ? "top" : "" },
+        h("span", { class: "label" }, p.label),
+        h("span", { class: "bar" }, h("span", { style: { width: `${Math.max(0.5, 100 * p.probability)}%` } })),
+        h("span", { class: "prob" }, percent(p.probability, 1)),
+      ),
+    ),
+  );
+}
+
+export function render(root, params) {
+  let stopped = false;
+  const urls = [];
+  const target = h("select", { id: "predict-target", "aria-label": "model" });
+  const topK = h("input", { id: "predict-top-k", type: "number", min: 1, max: 100, value: params.top_k || 5, "aria-label": "top k" });
+  const invert = h("select", { id: "predict-invert", "aria-label": "invert" }, ["auto", "true", "false"].map((v) => h("option", { value: v }, v)));
+  const fileInput = h("input", { type: "file", accept: "image/*", multiple: true, hidden: true, id: "predict-file" });
+  const drop = h(
+    "div",
+    { class: "drop", id: "drop", tabindex: 0, role: "button" },
+    h("strong", {}, "Drop images here"),
+    h("span", { class: "muted" }, "or click to choose files · PNG, JPEG, GIF, TIFF, WebP…"),
+    fileInput,
+  );
+  const results = h("div", { class: "results", id: "predict-results" });
+  fill(
+    root,
+    h("h1", {}, "Predict"),
+    h(
+      "div",
+      { class: "card predict-controls" },
+      h("label", {}, "model ", target),
+      h("label", {}, "top k ", topK),
+      h("label", { title: "MNIST only: invert to white-on-black; auto inverts when the border is light" }, "invert ", invert),
+    ),
+    drop,
+    results,
+  );
+
+  (async () => {
+    const taskNames = await tasks();
+    let models = [];
+    try {
+      models = (await api("/models?valid=true&limit=200")).data;
+    } catch (error) {
+      results.prepend(errorBox(error));
+    }
+    if (stopped) return;
+    fill(
+      target,
+      h("optgroup", { label: "newest model of a task" }, taskNames.map((t) => h("option", { value: `task:${t}` }, `${t} (newest)`))),
+      models.length ? h("optgroup", { label: "a specific model" }, models.map((m) => h("option", { value: `model:${m.id}` }, `${m.id}${m.aliases?.length ? ` [${m.aliases.join(", ")}]` : ""}`))) : null,
+    );
+    if (params.model) target.value = `model:${params.model}`;
+    else if (params.task) target.value = `task:${params.task}`;
+    else if (models[0]?.task) target.value = `task:${models[0].task}`;
+  })();
+
+  async function classify(file) {
+    const url = URL.createObjectURL(file);
+    urls.push(url);
+    const output = h("div", { class: "prediction-output" }, h("p", { class: "muted" }, "classifying…"));
+    const card = h("div", { class: "card prediction" }, h("img", { src: url, alt: file.name, class: "preview" }), h("div", {}, h("div", { class: "file-name mono" }, file.name), output));
+    results.prepend(card);
+    const form = new FormData();
+    form.append("file", file, file.name);
+    const [kind, value] = target.value.split(/:(.*)/s);
+    form.append(kind === "model" ? "model_id" : "task", value);
+    form.append("top_k", topK.value || "5");
+    form.append("invert", invert.value);
+    try {
+      const result = await api("/predict", { method: "POST", form });
+      if (stopped) return;
+      card.dataset.label = result.predictions[0]?.label ?? "";
+      fill(
+        output,
+        bars(result),
+        h("p", { class: "muted small" }, "model ", h("a", { href: `#/models/${result.model_id}` }, result.model_id), result.inverted ? " · inverted to white-on-black" : "", result.image ? ` · ${result.image.width}×${result.image.height} ${result.image.mode}` : ""),
+      );
+    } catch (error) {
+      card.dataset.error = String(error.status ?? "");
+      fill(output, errorBox(error));
+    }
+  }
+
+  function take(files) {
+    for (const file of files) classify(file);
+  }
+
+  drop.addEventListener("click", () => fileInput.click());
+  drop.addEventListener("keydown", (e) => (e.key === "Enter" || e.key === " ") && fileInput.click());
+  fileInput.addEventListener("change", () => take([...fileInput.files]));
+  const over = (e) => {
+    e.preventDefault();
+    drop.classList.add("over");
+  };
+  const leave = () => drop.classList.remove("over");
+  const dropped = (e) => {
+    e.preventDefault();
+    leave();
+    take([...(e.dataTransfer?.files || [])]);
+  };
+  // The whole page is the drop target while this view is shown.
+  window.addEventListener("dragover", over);
+  window.addEventListener("dragleave", leave);
+  window.addEventListener("drop", dropped);
+
+  return () => {
+    stopped = true;
+    window.removeEventListener("dragover", over);
+    window.removeEventListener("dragleave", leave);
+    window.removeEventListener("drop", dropped);
+    for (const url of urls) URL.revokeObjectURL(url);
+  };
+}
