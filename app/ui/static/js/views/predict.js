@@ -19,7 +19,7 @@ function bars(result) {
     result.predictions.map((p, i) =>
       h(
         "li",
-        { class: i === 0 ? "top" : "" },
+        { class: i === 0 ? "first" : "" },
         h("span", { class: "label" }, p.label),
         h("span", { class: "bar" }, h("span", { style: { width: `${Math.max(0.5, 100 * p.probability)}%` } })),
         h("span", { class: "prob" }, percent(p.probability, 1)),
