@@ -1,0 +1,163 @@
+"""The `imgclf` command line end to end: `python -m cli.main` subprocesses against a real uvicorn
+API and a real Celery worker (synthetic MNIST), as a user would run it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO, ApiProcess, Stack, WorkerProcess, wait_for
+from tests.factories import digit_image
+
+pytestmark = pytest.mark.integration
+
+KEY = "cli-test-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def cli_stack(tmp_path_factory, redis_url, synthetic_data_dir):
+    stack = Stack(tmp_path_factory.mktemp("cli"), redis_url, data_dir=synthetic_data_dir)
+    worker = WorkerProcess(stack).start()
+    api = ApiProcess(stack).start()
+    yield stack, api
+    api.stop()
+    worker.stop()
+    stack.cleanup_redis()
+
+
+def imgclf(url: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("IMGCLF_")}
+    environment |= {"IMGCLF_URL": url, **env}
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def no_traceback(result: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr
+
+
+def test_train_follow_prints_accuracy_and_predict_prints_one_line_per_file(cli_stack, tmp_path):
+    _, api = cli_stack
+    result = imgclf(
+        api.url, "train", "mnist_lenet5", "--set", "epochs=1", "--set", "max_train_samples=1000", "--follow"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id = re.search(r"job ([0-9a-f]{32}) queued", result.stdout).group(1)
+    accuracy = float(re.search(r"test accuracy: ([\d.]+) %", result.stdout).group(1))
+    job = httpx.get(f"{api.url}/jobs/{job_id}").json()
+    assert job["status"] == "succeeded"
+    assert job["hyperparameters"]["epochs"] == 1 and job["hyperparameters"]["max_train_samples"] == 1000
+    assert accuracy == pytest.approx(100 * job["metrics"][-1]["test_accuracy"], abs=0.006)
+    assert f"model: {job['model_id']}" in result.stdout
+    assert re.search(r"epoch 1: train loss [\d.]+", result.stdout)
+
+    listing = imgclf(api.url, "jobs", "ls")
+    assert listing.returncode == 0 and job_id in listing.stdout and "succeeded" in listing.stdout
+    shown = imgclf(api.url, "jobs", "show", job_id)
+    assert shown.returncode == 0 and job["model_id"] in shown.stdout and "Epochs" in shown.stdout
+    models = imgclf(api.url, "models", "ls")
+    assert models.returncode == 0 and job["model_id"] in models.stdout
+    model = imgclf(api.url, "models", "show", job["model_id"])
+    assert model.returncode == 0 and "mnist_lenet5" in model.stdout
+
+    rng = np.random.default_rng(0)
+    files = []
+    for label in (3, 5, 8):
+        path = tmp_path / f"digit_{label}.png"
+        Image.fromarray(digit_image(label, rng)).save(path)
+        files.append(path)
+    result = imgclf(api.url, "predict", *map(str, files), "--model", job["model_id"], "--top-k", "2")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 3, result.stdout
+    for path, line in zip(files, lines, strict=True):
+        assert re.fullmatch(rf"{re.escape(str(path))}: \S+ \([\d.]+ %\), \S+ \([\d.]+ %\)", line), line
+
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("not an image")
+    result = imgclf(api.url, "predict", str(files[0]), str(not_an_image), "--task", "mnist_lenet5")
+    assert result.returncode == 1
+    assert len(result.stdout.strip().splitlines()) == 1 and result.stdout.startswith(str(files[0]))
+    assert f"{not_an_image}: error: 415 Unsupported Media Type" in result.stderr
+    no_traceback(result)
+
+
+def test_failed_job_exits_1(cli_stack):
+    _, api = cli_stack
+    # ImageNet weights that are neither in TORCH_HOME nor downloadable: the job fails.
+    result = imgclf(
+        api.url,
+        "train",
+        "hymenoptera_resnet18",
+        "--set",
+        "weights=IMAGENET1K_V1",
+        "--set",
+        "epochs=1",
+        "--follow",
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(
+        r"job [0-9a-f]{32} failed: .*IMAGENET1K_V1|job [0-9a-f]{32} failed: .*weights", result.stderr
+    )
+    no_traceback(result)
+
+
+def test_cancel(cli_stack):
+    _, api = cli_stack
+    submitted = imgclf(api.url, "train", "mnist_lenet5", "--set", "epochs=50")
+    job_id = re.search(r"job ([0-9a-f]{32})", submitted.stdout).group(1)
+    result = imgclf(api.url, "jobs", "cancel", job_id)
+    assert result.returncode == 0 and re.search(rf"job {job_id} (cancelled|running)", result.stdout), (
+        result.stdout
+    )
+    wait_for(
+        lambda: httpx.get(f"{api.url}/jobs/{job_id}").json()["status"] == "cancelled", 120, 0.2, "cancel"
+    )
+    followed = imgclf(api.url, "jobs", "show", job_id)
+    assert followed.returncode == 0 and "cancelled" in followed.stdout
+    again = imgclf(api.url, "jobs", "cancel", job_id)
+    assert again.returncode == 1 and again.stderr.startswith("error: 409 Conflict: ")
+
+
+def test_api_errors_are_printed_plainly(cli_stack):
+    stack, api = cli_stack
+    result = imgclf(api.url, "jobs", "show", "0" * 32)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: 404 Not Found: no job with id {'0' * 32}"
+    assert result.stdout == ""
+
+    result = imgclf(api.url, "train", "mnist_lenet5", "--set", "epochs=0")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: 422 Unprocessable Entity: mnist_lenet5.hyperparameters.epochs: ")
+    assert httpx.get(f"{api.url}/jobs", params={"status": "queued"}).json()["count"] == 0
+
+    result = imgclf("http://127.0.0.1:9", "models", "ls")
+    assert result.returncode == 1 and result.stderr.startswith(
+        "error: cannot reach the API at http://127.0.0.1:9"
+    )
+    no_traceback(result)
+
+    keyed = ApiProcess(Stack(stack.root / "keyed", stack.env["REDIS_URL"], **{**stack.env, "API_KEYS": KEY}))
+    try:
+        keyed.start()
+        refused = imgclf(keyed.url, "jobs", "ls")
+        assert refused.returncode == 1 and refused.stderr.startswith(
+            "error: 401 Unauthorized: missing API key"
+        )
+        accepted = imgclf(keyed.url, "jobs", "ls", IMGCLF_API_KEY=KEY)
+        assert accepted.returncode == 0, accepted.stderr
+    finally:
+        keyed.stop()
