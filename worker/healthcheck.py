@@ -19,17 +19,17 @@ from core.jobs import redis_client
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m worker.healthcheck <worker name, e.g. gpu-worker@HOSTNAME>", file=sys.stderr)
+        sys.stderr.write("usage: python -m worker.healthcheck <worker name, e.g. gpu-worker@HOSTNAME>" + "\n")
         return 2
     settings = get_settings()
     key = f"{settings.redis_prefix}:worker:{argv[0]}"
     try:
         alive = bool(redis_client(settings.redis_url, settings.redis_timeout_s).exists(key))
     except Exception as exc:
-        print(f"Redis unreachable: {exc}", file=sys.stderr)
+        sys.stderr.write(f"Redis unreachable: {exc}" + "\n")
         return 1
     if not alive:
-        print(f"worker {argv[0]} is not registered ({key} missing)", file=sys.stderr)
+        sys.stderr.write(f"worker {argv[0]} is not registered ({key} missing)" + "\n")
         return 1
     return 0
 
