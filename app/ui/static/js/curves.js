@@ -10,10 +10,11 @@ function sortedRows(map) {
 }
 
 export class Curves {
-  /** `el`: an empty container; `evalLabel`: "test" or "val". */
-  constructor(el, evalLabel = "test") {
+  /** `el`: an empty container; `evalLabel`: "test" or "val"; `epochs`: the x axis runs 0..epochs. */
+  constructor(el, evalLabel = "test", epochs = 1) {
     this.el = el;
     this.evalLabel = evalLabel;
+    this.epochs = epochs;
     this.lossRows = new Map(); // x (epochs, fractional) -> {x, running, train}
     this.accRows = new Map(); // epoch -> {x, train, eval}
     this.lossBox = h("div", { class: "chart", id: "chart-loss" });
@@ -32,14 +33,15 @@ export class Curves {
   create() {
     const width = this.width();
     const axis = (label, values) => ({ label, stroke: "#4a5568", grid: { stroke: "#edf0f5" }, ticks: { stroke: "#edf0f5" }, values });
-    const xAxis = axis("epoch", (u, ticks) => ticks.map((t) => +t.toFixed(2)));
+    const xAxis = axis("epoch");
+    const x = { time: false, range: (u, min, max) => [0, Math.max(this.epochs, max ?? 1)] };
     this.charts = {
       loss: new uPlot(
         {
           title: "Loss",
           width,
           height: 260,
-          scales: { x: { time: false } },
+          scales: { x },
           axes: [xAxis, axis("cross-entropy")],
           series: [
             { label: "epoch", value: (u, v) => (v == null ? "—" : v.toFixed(2)) },
@@ -56,7 +58,7 @@ export class Curves {
           width,
           height: 260,
           scales: {
-            x: { time: false },
+            x,
             y: { range: (u, min, max) => [Math.max(0, (min ?? 0) - 0.05), Math.min(1, (max ?? 1) + 0.02)] },
           },
           axes: [xAxis, axis("accuracy", (u, ticks) => ticks.map((t) => `${(100 * t).toFixed(1)}%`))],

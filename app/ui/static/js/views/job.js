@@ -172,10 +172,14 @@ export function render(root, { id }) {
     else if (event.event === "epoch") addEpoch(data);
     else if (event.event === "status") {
       showStatus(data.status, data.error, data.model_id);
-      if (FINAL_STATUSES.has(data.status))
-        api(`/jobs/${id}`)
-          .then((record) => !stopped && showJob(record))
-          .catch(() => {});
+      // Started/finished times, device, worker: read the record again on each change of status.
+      api(`/jobs/${id}`)
+        .then((record) => {
+          if (stopped) return;
+          job = { ...record, status: data.status };
+          showFacts();
+        })
+        .catch(() => {});
     }
   }
 
@@ -196,7 +200,7 @@ export function render(root, { id }) {
     try {
       const record = await api(`/jobs/${id}`);
       if (stopped) return;
-      curves = new Curves(curvesBox, EVAL_SPLIT[record.task] || "test");
+      curves = new Curves(curvesBox, EVAL_SPLIT[record.task] || "test", record.hyperparameters?.epochs || record.progress?.epochs || 1);
       curves.draw();
       showJob(record);
       if (await hasEndpoint("get", "/jobs/{job_id}/events")) {
