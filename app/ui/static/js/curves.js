@@ -59,7 +59,7 @@ export class Curves {
           height: 260,
           scales: {
             x,
-            y: { range: (u, min, max) => [Math.max(0, (min ?? 0) - 0.05), Math.min(1, (max ?? 1) + 0.02)] },
+            y: { range: (u, min, max) => [Math.max(0, Math.min(0.9, (min ?? 0) - 0.05)), 1] },
           },
           axes: [xAxis, axis("accuracy", (u, ticks) => ticks.map((t) => `${(100 * t).toFixed(1)}%`))],
           series: [
