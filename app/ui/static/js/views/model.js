@@ -11,7 +11,6 @@ async function imageEndpoint() {
 }
 
 function confusionTable(ev) {
-  const max = Math.max(1, ...ev.confusion_matrix.map((row) => row.reduce((a, b) => a + b, 0)));
   return h(
     "div",
     { class: "scroll" },
@@ -42,7 +41,6 @@ function confusionTable(ev) {
         }),
       ),
     ),
-    h("p", { class: "muted" }, `${max.toLocaleString("en")} images in the largest class.`),
   );
 }
 
