@@ -280,3 +280,45 @@ def test_sse_parser_in_the_browser(browser, make_stack, start_api, tmp_path):
         watched.check()
     finally:
         watched.close()
+
+
+def test_job_page_resumes_its_event_stream_after_the_api_restarts(
+    browser, make_stack, start_worker, start_api, synthetic_data_dir, tmp_path
+):
+    """The API is killed while the page follows a training job and started again on the same port:
+    the page reconnects with Last-Event-ID and ends with every epoch exactly once."""
+    stack = make_stack(data_dir=synthetic_data_dir)
+    start_worker(stack)
+    api = start_api(stack)
+    if "/jobs/{job_id}/events" not in httpx.get(f"{api.url}/openapi.json").json()["paths"]:
+        pytest.skip("this server has no GET /jobs/{job_id}/events yet")
+    epochs = 8
+    job = httpx.post(
+        f"{api.url}/jobs", json={"task": "mnist_lenet5", "hyperparameters": {"epochs": epochs}}
+    ).json()
+    watched = Watched(browser, api.url, tmp_path / "screenshots")
+    page = watched.page
+    # While the API is down, the browser reports the refused connections and the cut stream.
+    watched.allowed.append(
+        re.compile(r"ERR_CONNECTION_REFUSED|ERR_INCOMPLETE_CHUNKED_ENCODING|network error")
+    )
+    try:
+        page.goto(f"{api.url}/ui/#/jobs/{job['id']}")
+        page.wait_for_selector("#epochs-table tbody tr")
+        page.wait_for_selector("#live-state[data-state=open]")
+        api.kill()
+        page.wait_for_selector("#live-state[data-state=reconnecting]")
+        api.start()
+        page.wait_for_selector("#job-status[data-status=succeeded]", timeout=120_000)
+        watched.shot("resumed")
+        assert page.locator("#epochs-table tbody tr").count() == epochs
+        assert (
+            page.get_attribute("#curves", "data-points")
+            and int(page.get_attribute("#curves", "data-points")) > 3 * epochs
+        )
+        streams = [r for r in watched.requests if r.url.endswith(f"/jobs/{job['id']}/events")]
+        assert len(streams) >= 2 and not streams[0].headers.get("last-event-id")
+        assert any(re.fullmatch(r"\d+-\d+", r.headers.get("last-event-id", "")) for r in streams[1:])
+        watched.check()
+    finally:
+        watched.close()
