@@ -304,7 +304,7 @@ def test_job_page_resumes_its_event_stream_after_the_api_restarts(
     )
     try:
         page.goto(f"{api.url}/ui/#/jobs/{job['id']}")
-        page.wait_for_selector("#epochs-table tbody tr")
+        page.wait_for_selector("#epochs-table tbody tr", timeout=180_000)  # the first epoch is done
         page.wait_for_selector("#live-state[data-state=open]")
         api.kill()
         page.wait_for_selector("#live-state[data-state=reconnecting]")
