@@ -292,9 +292,10 @@ def test_job_page_resumes_its_event_stream_after_the_api_restarts(
     api = start_api(stack)
     if "/jobs/{job_id}/events" not in httpx.get(f"{api.url}/openapi.json").json()["paths"]:
         pytest.skip("this server has no GET /jobs/{job_id}/events yet")
-    epochs = 8
+    epochs = 4
+    hyperparameters = {"epochs": epochs, "max_train_samples": 600}
     job = httpx.post(
-        f"{api.url}/jobs", json={"task": "mnist_lenet5", "hyperparameters": {"epochs": epochs}}
+        f"{api.url}/jobs", json={"task": "mnist_lenet5", "hyperparameters": hyperparameters}
     ).json()
     watched = Watched(browser, api.url, tmp_path / "screenshots")
     page = watched.page
