@@ -21,6 +21,7 @@ function progressCell(job) {
 export function render(root) {
   let timer = null;
   let stopped = false;
+  let generation = 0; // a change of filter starts a new refresh loop; older loops stop
   const status = h("select", { id: "jobs-status", "aria-label": "status" }, STATUSES.map((s) => h("option", { value: s }, s || "any status")));
   const task = h("select", { id: "jobs-task", "aria-label": "task" }, TASKS.map((t) => h("option", { value: t }, t || "any task")));
   const summary = h("span", { class: "muted" });
@@ -32,13 +33,13 @@ export function render(root) {
     body,
   );
 
-  async function refresh() {
+  async function refresh(loop = generation) {
     const query = new URLSearchParams({ limit: "50" });
     if (status.value) query.set("status", status.value);
     if (task.value) query.set("task", task.value);
     try {
       const page = await api(`/jobs?${query}`);
-      if (stopped) return;
+      if (stopped || loop !== generation) return;
       summary.textContent = `${page.data.length} of ${page.count}`;
       if (!page.data.length) {
         fill(body, h("p", { class: "empty" }, "No jobs yet. ", h("a", { href: "#/train" }, "Train a model"), "."));
@@ -70,15 +71,16 @@ export function render(root) {
         );
       }
     } catch (error) {
-      if (!stopped) fill(body, errorBox(error));
+      if (stopped || loop !== generation) return;
+      fill(body, errorBox(error));
     }
-    if (!stopped) timer = setTimeout(refresh, 2000);
+    timer = setTimeout(() => refresh(loop), 2000);
   }
 
   for (const select of [status, task])
     select.addEventListener("change", () => {
       clearTimeout(timer);
-      refresh();
+      refresh(++generation);
     });
   refresh();
   return () => {

@@ -82,6 +82,10 @@ export function render(root, params) {
     const output = h("div", { class: "prediction-output" }, h("p", { class: "muted" }, "classifying…"));
     const card = h("div", { class: "card prediction" }, h("img", { src: url, alt: file.name, class: "preview" }), h("div", {}, h("div", { class: "file-name mono" }, file.name), output));
     results.prepend(card);
+    if (!target.value) {
+      fill(output, errorBox(new Error("no model to use yet: choose a task or a model above")));
+      return;
+    }
     const form = new FormData();
     form.append("file", file, file.name);
     const [kind, value] = target.value.split(/:(.*)/s);
