@@ -288,10 +288,10 @@ def test_job_page_resumes_its_event_stream_after_the_api_restarts(
     """The API is killed while the page follows a training job and started again on the same port:
     the page reconnects with Last-Event-ID and ends with every epoch exactly once."""
     stack = make_stack(data_dir=synthetic_data_dir)
-    start_worker(stack)
     api = start_api(stack)
     if "/jobs/{job_id}/events" not in httpx.get(f"{api.url}/openapi.json").json()["paths"]:
         pytest.skip("this server has no GET /jobs/{job_id}/events yet")
+    start_worker(stack)
     epochs = 4
     hyperparameters = {"epochs": epochs, "max_train_samples": 600}
     job = httpx.post(
