@@ -231,8 +231,8 @@ def jobs_show(
             ]
         )
     )
-    if follow and job["status"] not in FINAL_STATUSES:
-        finish(run(lambda: follow_job(client, job_id, out)))
+    if follow:
+        finish(job if job["status"] in FINAL_STATUSES else run(lambda: follow_job(client, job_id, out)))
     elif job.get("metrics"):
         out.print(metrics_table(job["metrics"]))
 

@@ -130,8 +130,10 @@ def test_cancel(cli_stack):
     wait_for(
         lambda: httpx.get(f"{api.url}/jobs/{job_id}").json()["status"] == "cancelled", 120, 0.2, "cancel"
     )
-    followed = imgclf(api.url, "jobs", "show", job_id)
-    assert followed.returncode == 0 and "cancelled" in followed.stdout
+    shown = imgclf(api.url, "jobs", "show", job_id)
+    assert shown.returncode == 0 and "cancelled" in shown.stdout
+    followed = imgclf(api.url, "jobs", "show", job_id, "--follow")
+    assert followed.returncode == 1 and f"job {job_id} cancelled" in followed.stderr
     again = imgclf(api.url, "jobs", "cancel", job_id)
     assert again.returncode == 1 and again.stderr.startswith("error: 409 Conflict: ")
 
