@@ -80,3 +80,10 @@ export function evalAccuracy(metrics) {
 export function errorBox(error) {
   return h("div", { class: "error", role: "alert" }, error?.message || String(error));
 }
+
+const NUMERIC = new Set(["accuracy", "epochs", "size", "epoch", "lr", "train loss", "train accuracy", "eval accuracy", "duration", "images/s", "precision", "recall", "f1", "support"]);
+
+/** A table head row; numeric columns are right-aligned like their cells. */
+export function headRow(columns) {
+  return h("thead", {}, h("tr", {}, columns.map((c) => h("th", { class: NUMERIC.has(c) ? "num" : null }, c))));
+}

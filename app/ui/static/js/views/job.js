@@ -3,7 +3,7 @@
 
 import { FINAL_STATUSES, api, hasEndpoint } from "../api.js";
 import { Curves } from "../curves.js";
-import { badge, duration, errorBox, fill, h, num, percent, when } from "../dom.js";
+import { badge, duration, errorBox, fill, h, headRow, num, percent, when } from "../dom.js";
 import { followEvents } from "../sse.js";
 
 const EVAL_SPLIT = { hymenoptera_resnet18: "val" };
@@ -63,7 +63,7 @@ export function render(root, { id }) {
       h(
         "table",
         { class: "table", id: "epochs-table" },
-        h("thead", {}, h("tr", {}, ["epoch", "lr", "train loss", "train accuracy", "eval accuracy", "duration", "images/s"].map((c) => h("th", {}, c)))),
+        headRow(["epoch", "lr", "train loss", "train accuracy", "eval accuracy", "duration", "images/s"]),
         epochsBody,
       ),
     ),

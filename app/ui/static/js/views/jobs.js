@@ -1,7 +1,7 @@
 // The job list, refreshed every 2 s while it is shown.
 
 import { api } from "../api.js";
-import { badge, errorBox, evalAccuracy, fill, h, percent, shortId, when } from "../dom.js";
+import { badge, errorBox, evalAccuracy, fill, h, headRow, percent, shortId, when } from "../dom.js";
 
 const STATUSES = ["", "queued", "running", "succeeded", "failed", "cancelled"];
 const TASKS = ["", "cifar10_dense", "mnist_lenet5", "hymenoptera_resnet18"];
@@ -49,7 +49,7 @@ export function render(root) {
           h(
             "table",
             { class: "table", id: "jobs-table" },
-            h("thead", {}, h("tr", {}, ["job", "task", "status", "progress", "accuracy", "created", "model"].map((c) => h("th", {}, c)))),
+            headRow(["job", "task", "status", "progress", "accuracy", "created", "model"]),
             h(
               "tbody",
               {},

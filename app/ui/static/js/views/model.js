@@ -2,7 +2,7 @@
 // matrix, per-class scores, the most confident mistakes with their images).
 
 import { api, apiImageUrl, openapi } from "../api.js";
-import { bytes, duration, errorBox, evalAccuracy, fill, h, num, percent, when } from "../dom.js";
+import { bytes, duration, errorBox, evalAccuracy, fill, h, headRow, num, percent, when } from "../dom.js";
 import { finalMetrics } from "./models.js";
 
 async function imageEndpoint() {
@@ -48,7 +48,7 @@ function perClassTable(ev) {
   return h(
     "table",
     { class: "table compact", id: "per-class" },
-    h("thead", {}, h("tr", {}, ["class", "precision", "recall", "f1", "support"].map((c) => h("th", {}, c)))),
+    headRow(["class", "precision", "recall", "f1", "support"]),
     h(
       "tbody",
       {},
@@ -121,7 +121,7 @@ export function render(root, { id }) {
               h(
                 "table",
                 { class: "table compact" },
-                h("thead", {}, h("tr", {}, ["epoch", "lr", "train loss", "train accuracy", "eval accuracy", "duration"].map((c) => h("th", {}, c)))),
+                headRow(["epoch", "lr", "train loss", "train accuracy", "eval accuracy", "duration"]),
                 h(
                   "tbody",
                   {},

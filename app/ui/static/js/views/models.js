@@ -1,7 +1,7 @@
 // The checkpoints in the store.
 
 import { api } from "../api.js";
-import { bytes, errorBox, evalAccuracy, fill, h, percent, when } from "../dom.js";
+import { bytes, errorBox, evalAccuracy, fill, h, headRow, percent, when } from "../dom.js";
 
 export function finalMetrics(model) {
   const m = model.metrics || {};
@@ -26,7 +26,7 @@ export function render(root) {
         h(
           "table",
           { class: "table", id: "models-table" },
-          h("thead", {}, h("tr", {}, ["model", "task", "accuracy", "epochs", "aliases", "created", "size", "valid"].map((c) => h("th", {}, c)))),
+          headRow(["model", "task", "accuracy", "epochs", "aliases", "created", "size", "valid"]),
           h(
             "tbody",
             {},
