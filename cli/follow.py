@@ -23,7 +23,7 @@ from rich.progress import (
 
 from cli.client import FINAL_STATUSES, ApiError, Client, eval_accuracy
 
-RETRY_DELAYS_S = (0.5, 1, 2, 4, 8)
+RETRY_DELAYS_S = (0.5, 1, 2, 4, 8, 8, 8, 8)  # about 40 s in all: long enough for an API restart
 
 
 class ProgressView:
@@ -169,8 +169,14 @@ def _stream(client: Client, job_id: str, view: ProgressView) -> None:
             time.sleep(RETRY_DELAYS_S[failures])
             failures += 1
             continue
-        # The server ended the stream without a final status (e.g. it restarted): resume.
-        time.sleep(RETRY_DELAYS_S[0])
+        # The server ended the stream without a final status (e.g. it restarted): resume, but not
+        # forever if it keeps closing streams without sending anything.
+        if failures >= len(RETRY_DELAYS_S):
+            raise httpx.TransportError(
+                f"the event stream of job {job_id} keeps ending without its final status"
+            )
+        time.sleep(RETRY_DELAYS_S[failures])
+        failures += 1
 
 
 def _poll(client: Client, job_id: str, view: ProgressView, interval_s: float = 1.0) -> None:

@@ -19,6 +19,7 @@ from tests.factories import digit_image
 pytestmark = pytest.mark.integration
 
 KEY = "cli-test-key-0123456789abcdef"
+FOLLOWED_JOB = ["--set", "epochs=4", "--set", "max_train_samples=600"]
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +168,40 @@ def test_api_errors_are_printed_plainly(cli_stack):
         assert accepted.returncode == 0, accepted.stderr
     finally:
         keyed.stop()
+
+
+def test_follow_resumes_after_the_api_restarts(make_stack, start_worker, start_api, synthetic_data_dir):
+    """`train --follow` keeps following across an API restart (same port) and ends with every epoch."""
+    stack = make_stack(data_dir=synthetic_data_dir)
+    api = start_api(stack)
+    if "/jobs/{job_id}/events" not in httpx.get(f"{api.url}/openapi.json").json()["paths"]:
+        pytest.skip("this server has no GET /jobs/{job_id}/events yet")
+    start_worker(stack)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("IMGCLF_")} | {
+        "IMGCLF_URL": api.url
+    }
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "train", "mnist_lenet5", "--follow", *FOLLOWED_JOB],
+        cwd=REPO,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: any(j["metrics"] for j in httpx.get(f"{api.url}/jobs").json()["data"]),
+            180,
+            0.1,
+            "the first epoch",
+        )
+        api.kill()
+        api.start()
+        stdout, stderr = follower.communicate(timeout=240)
+    finally:
+        follower.kill()
+    assert follower.returncode == 0, stdout + stderr
+    assert [int(n) for n in re.findall(r"^epoch (\d+): train loss", stdout, re.M)] == [1, 2, 3, 4], stdout
+    assert "test accuracy: " in stdout
+    log = api.log_path.read_text()
+    assert log.count('/events HTTP/1.1" 200') >= 2, log[-2000:]
