@@ -42,7 +42,6 @@ class ProgressView:
         self.epochs: dict[int, TaskID] = {}
         self.stage_task: TaskID | None = None
         self.stage = ""
-        self.seen_epochs: set[int] = set()
 
     def __enter__(self) -> ProgressView:
         self.progress.start()
@@ -88,9 +87,6 @@ class ProgressView:
         if task is not None:
             total = self.progress.tasks[task].total or 0
             self.progress.update(task, completed=total)
-        if epoch in self.seen_epochs:
-            return
-        self.seen_epochs.add(epoch)
         self.progress.console.print(
             f"epoch {epoch}: train loss {m['train_loss']:.4f}, train acc {100 * m['train_accuracy']:.2f} %, "
             f"test/val acc {100 * (eval_accuracy(m) or 0):.2f} %, {m['duration_s']:.1f} s",
@@ -180,11 +176,13 @@ def _stream(client: Client, job_id: str, view: ProgressView) -> None:
 
 
 def _poll(client: Client, job_id: str, view: ProgressView, interval_s: float = 1.0) -> None:
+    seen: list[dict[str, Any]] = []
     while True:
         job = client.get(f"/jobs/{job_id}")
         if job.get("progress"):
             view.on_progress(job["progress"])
-        for metrics in job.get("metrics") or []:
+        for metrics in (job.get("metrics") or [])[len(seen) :]:
+            seen.append(metrics)
             view.on_epoch(metrics)
         if job["status"] in FINAL_STATUSES:
             return

@@ -201,6 +201,7 @@ def test_follow_resumes_after_the_api_restarts(make_stack, start_worker, start_a
     finally:
         follower.kill()
     assert follower.returncode == 0, stdout + stderr
+    # Each epoch printed once: the stream resumed after the last event seen (Last-Event-ID), no replay.
     assert [int(n) for n in re.findall(r"^epoch (\d+): train loss", stdout, re.M)] == [1, 2, 3, 4], stdout
     assert "test accuracy: " in stdout
     log = api.log_path.read_text()
