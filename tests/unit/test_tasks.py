@@ -40,3 +40,17 @@ def test_celery_app_and_registry_import_without_torch(module):
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_training_loop_does_not_import_the_tasks():
+    """worker.training reaches a task's recipe through the registry, at run time: no import loop
+    between the loop and the task files that use it."""
+    code = (
+        "import sys, worker.training, worker.data; "
+        "loaded = [m for m in sys.modules if m.startswith('tasks.') and m != 'tasks.base']; "
+        "assert not loaded, loaded"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
