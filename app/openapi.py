@@ -84,7 +84,7 @@ def complete_openapi(schema: dict[str, Any]) -> dict[str, Any]:
             if fields and ref:
                 form = components[ref.rsplit("/", 1)[-1]]
                 present = [f for f in fields if f in form.get("properties", {})]
-                form["anyOf"] = [{"required": [f]} for f in present]
+                form["anyOf"] = [{"required": [f], "properties": {f: {"type": "string"}}} for f in present]
                 form["description"] = f"The image, and at least one of: {', '.join(present)}."
     return schema
 

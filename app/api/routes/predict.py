@@ -43,7 +43,7 @@ router = APIRouter(tags=["predict"], route_class=FileFormRoute)
             "the file is larger than the limit of 10485760 bytes (MAX_UPLOAD_BYTES)",
         ),
         _415=(
-            "Not an image Pillow can read, or a compressed body.",
+            "Not an image Pillow can read, or a body with a Content-Encoding (compressed).",
             "the uploaded file is not an image format Pillow can read",
         ),
         _422=(
