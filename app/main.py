@@ -92,7 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(api_router)
     install_error_handlers(app)
-    install_openapi(app)
+    install_openapi(app, auth=bool(settings.api_keys))
     upload_limit = (
         settings.max_upload_bytes + MULTIPART_OVERHEAD,
         f"MAX_UPLOAD_BYTES={settings.max_upload_bytes} for the file, plus {MULTIPART_OVERHEAD} for the form",

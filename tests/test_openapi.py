@@ -17,7 +17,8 @@ NO_EXAMPLE = {"Body_predict_image_predict_post.model_id"}
 
 @pytest.fixture(scope="module")
 def schema() -> dict:
-    return create_app(Settings(_env_file=None, environment="development")).openapi()
+    """The document of a server with API keys (the production setting)."""
+    return create_app(Settings(_env_file=None, environment="production", api_keys=["k" * 24])).openapi()
 
 
 def _is_ref(prop: dict) -> bool:
@@ -81,6 +82,16 @@ def test_protected_operations_document_401(schema):
         for method, operation in operations.items():
             has_401 = "401" in operation["responses"]
             assert has_401 == (path not in open_paths), (method, path)
+            assert ("security" in operation) == (path not in open_paths), (method, path)
+
+
+def test_without_keys_no_operation_claims_to_need_one():
+    """A server without API_KEYS never answers 401: its document says so (no Authorize button)."""
+    schema = create_app(Settings(_env_file=None, environment="development")).openapi()
+    assert "securitySchemes" not in schema["components"]
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            assert "security" not in operation and "401" not in operation["responses"], (method, path)
 
 
 def _operations(schema):
