@@ -172,3 +172,13 @@ def test_swagger_prefills_only_values_that_work(schema):
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert "`top_k` (1–100, default 5)" in readme
+
+
+def test_predict_form_fields_are_text_or_absent_and_unknown_ones_refused(schema):
+    """Multipart fields cannot be null (the form has no null); unknown fields get a 422."""
+    body_ref = schema["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    form = schema["components"]["schemas"][body_ref["$ref"].rsplit("/", 1)[-1]]
+    assert form["additionalProperties"] is False
+    for name, prop in form["properties"].items():
+        assert {"type": "null"} not in prop.get("anyOf", []), name
+    assert form["properties"]["task"]["enum"] == ["cifar10_dense", "mnist_lenet5", "hymenoptera_resnet18"]

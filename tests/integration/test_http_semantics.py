@@ -372,3 +372,44 @@ def test_validation_errors_echo_numbers_as_numbers(stack):
             assert error["input"] == value and type(error["input"]) is type(value)
         response = client.post("/jobs", json={"task": "mnist_lenet5", "hyperparameters": {"epochs": True}})
         assert response.json()["detail"][0]["input"] is True
+
+
+def test_whole_number_floats_are_ints_but_fractions_are_not(stack):
+    """JSON has one number type: 3.0 is 3 (as JSON Schema says, and as Schemathesis sends it)."""
+    with api_client(stack) as client:
+        body = {"task": "mnist_lenet5", "hyperparameters": {"epochs": 3.0, "seed": 697.0, "batch_size": 32.0}}
+        response = client.post("/jobs", json=body)
+        assert response.status_code == 202, response.text
+        hyperparameters = response.json()["hyperparameters"]
+        assert hyperparameters["epochs"] == 3 and isinstance(hyperparameters["epochs"], int)
+        assert hyperparameters["seed"] == 697 and hyperparameters["batch_size"] == 32
+        assert response.json()["hyperparameters"]["lr"] == 0.01
+        for bad in (2.5, "3", True, 1e300):
+            refused = client.post("/jobs", json={"task": "mnist_lenet5", "hyperparameters": {"epochs": bad}})
+            assert refused.status_code == 422, bad
+
+
+def test_swagger_try_it_out_with_prefilled_values_works(lenet_stack):
+    """What Swagger pre-fills on /predict (each field's example, else its default) plus a file:
+    200 from the newest model of the example task, with top_k = the documented default (5)."""
+    stack, model_id = lenet_stack
+    with api_client(stack) as client:
+        schema = client.app.openapi()
+        body = schema["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]
+        form = schema["components"]["schemas"][body["schema"]["$ref"].rsplit("/", 1)[-1]]
+        prefilled = {}
+        for name, prop in form["properties"].items():
+            if name == "file":
+                continue
+            if prop.get("examples"):
+                prefilled[name] = str(prop["examples"][0])
+            elif "default" in prop:
+                prefilled[name] = str(prop["default"])
+        assert "model_id" not in prefilled
+        response = client.post("/predict", files={"file": ("d.png", digit_png())}, data=prefilled)
+        assert response.status_code == 200, response.text
+        assert response.json()["model_id"] == model_id and len(response.json()["predictions"]) == 5
+        default = client.post(
+            "/predict", files={"file": ("d.png", digit_png())}, data={"task": "mnist_lenet5"}
+        )
+        assert len(default.json()["predictions"]) == 5
