@@ -144,7 +144,14 @@ def get_job(job_id: JobId, jobs: JobStoreDep) -> JobPublic:
     response_model=JobPublic,
     summary="Cancel a job",
     responses=error_responses(
-        _404="No such job.", _409="The job already ended.", _503="Redis is unreachable."
+        _404="No such job.",
+        _409="The job already ended.",
+        _500=(
+            "The job's stored record is unreadable.",
+            "Redis at redis://127.0.0.1:6379/0 refused a command (WRONGTYPE Operation against a key "
+            "holding the wrong kind of value); the job data may be damaged",
+        ),
+        _503="Redis is unreachable.",
     ),
 )
 def cancel_job(job_id: JobId, jobs: JobStoreDep) -> JobPublic:
