@@ -140,7 +140,8 @@ MaxTrainSamples = Annotated[
     Field(
         ge=1,
         le=10_000_000,
-        description="Train on only the first N training images (a fixed, seeded subset); null = all.",
+        description="Train on only the first N training images (a fixed, seeded subset); null = all. "
+        "At least batch_size.",
         examples=[None],
     ),
 ]
