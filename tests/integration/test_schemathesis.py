@@ -27,7 +27,7 @@ from tests.factories_models import make_model_checkpoint
 pytestmark = pytest.mark.integration
 
 KEY = "schemathesis-key-0123456789"
-MAX_EXAMPLES = 12
+MAX_EXAMPLES = 25
 JOB_CREATE = TypeAdapter(JobCreate)
 
 
