@@ -140,3 +140,50 @@ def make_synthetic_data(root: Path) -> Path:
     make_image_folder(root, "cifar10-jpg", {"train": 1000, "test": 200}, CIFAR_CLASSES, as_zip=True)
     make_hymenoptera(root)
     return root
+
+
+def progressive_scan_bomb(width: int, height: int, scans: int) -> bytes:
+    """A valid grey progressive JPEG (SOF2) of ``width`` x ``height`` with ``scans`` scans: one DC
+    scan, then for each AC coefficient 1..63 a first scan (Al=13) and successive-approximation
+    refinements down to Al=0 (at most 1 + 63 * 14 = 883 scans). Every block is flat, so each AC
+    scan is a few end-of-band runs: tiny on disk, yet the decoder walks every block once per scan.
+    """
+    if not 1 <= scans <= 883:
+        raise ValueError("scans must be 1..883")
+    blocks = -(-width // 8) * (-(-height // 8))
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return struct.pack(">BBH", 0xFF, marker, len(payload) + 2) + payload
+
+    def entropy(bits: str) -> bytes:
+        bits += "1" * (-len(bits) % 8)  # pad with ones
+        data = int(bits, 2).to_bytes(len(bits) // 8, "big") if bits else b""
+        return data.replace(b"\xff", b"\xff\x00")  # byte stuffing
+
+    def eob_runs(total: int) -> str:
+        out = []
+        while total:
+            run = min(total, 32767)
+            r = run.bit_length() - 1  # symbol EOBr: run 2**r + r extra bits
+            out.append(format(r, "04b") + (format(run - (1 << r), f"0{r}b") if r else ""))
+            total -= run
+        return "".join(out)
+
+    dc_table = bytes([0x00]) + bytes([1] + [0] * 15) + bytes([0x00])  # category 0 -> code "0"
+    ac_table = bytes([0x10]) + bytes([0, 0, 0, 15] + [0] * 12) + bytes(r << 4 for r in range(15))
+    parts = [
+        b"\xff\xd8",
+        segment(0xDB, b"\x00" + bytes([1] * 64)),
+        segment(0xC2, struct.pack(">BHHB", 8, height, width, 1) + bytes([1, 0x11, 0])),
+        segment(0xC4, dc_table + ac_table),
+        segment(0xDA, bytes([1, 1, 0x00, 0, 0, 0x00])) + entropy("0" * blocks),
+    ]
+    runs = entropy(eob_runs(blocks))
+    done = 1
+    for k in range(1, 64):
+        for ah, al in [(0, 13)] + [(a, a - 1) for a in range(13, 0, -1)]:
+            if done == scans:
+                break
+            parts.append(segment(0xDA, bytes([1, 1, 0x00, k, k, (ah << 4) | al])) + runs)
+            done += 1
+    return b"".join(parts) + b"\xff\xd9"

@@ -9,10 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.images import ImageRejected, open_upload, should_invert, to_mode
+from core.images import DecodeLimits, ImageRejected, decode_image, should_invert, to_mode
 from tests.factories import image_bytes
 
 MAX = 40_000_000
+
+
+def open_upload(data: bytes, max_pixels: int = MAX) -> tuple[Image.Image, dict]:
+    return decode_image(data, DecodeLimits(max_pixels=max_pixels))
 
 
 def decode(data: bytes, mode: str) -> Image.Image:
