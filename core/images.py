@@ -240,6 +240,11 @@ def _declared_sizes(image: Image.Image, data: bytes) -> list[tuple[int, int]]:
             image.seek(index)
             sizes.append(image.size)
         image.seek(0)
+    except Image.DecompressionBombError:  # Pillow's own check on seek (MPO), size already read
+        w, h = image.size
+        raise ImageRejected(
+            413, f"frame {len(sizes) + 1} of {count} is {w}x{h} = {w * h} pixels, over the pixel limit"
+        ) from None
     except Exception as exc:
         raise ImageRejected(422, f"the uploaded image is corrupt: {exc}") from None
     return sizes
