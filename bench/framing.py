@@ -58,11 +58,12 @@ def find_data_dir(configured: str | None = None) -> Path:
     raise FileNotFoundError(f"no MNIST/raw under any of {[str(c) for c in candidates]}")
 
 
-def train_lenet(
-    data_dir: Path, train_samples: int | None, epochs: int, seed: int = 0
-) -> tuple[LoadedModel, dict]:
-    """LeNet-5 trained by ``run_training`` on real MNIST; returns it ready for ``predict`` and the
-    training result's metrics (a dict per epoch)."""
+def train_lenet(data_dir: Path, train_samples: int | None, epochs: int, seed: int = 0) -> tuple[object, dict]:
+    """LeNet-5 trained by ``run_training`` (the worker's recipe) on real MNIST.
+
+    Returns:
+        (``worker.training.TrainingResult``, its hyperparameters).
+    """
     from worker.training import TrainingContext, run_training
 
     hyperparameters = {"epochs": epochs, "lr": 0.05, "momentum": 0.9, "seed": seed}
@@ -70,15 +71,18 @@ def train_lenet(
         hyperparameters["max_train_samples"] = train_samples
     with tempfile.TemporaryDirectory() as cache_dir:
         ctx = TrainingContext(data_dir=data_dir, cache_dir=Path(cache_dir), show_progress_bar=False)
-        result = run_training("mnist_lenet5", hyperparameters, ctx)
+        return run_training("mnist_lenet5", hyperparameters, ctx), hyperparameters
+
+
+def as_loaded(result: object) -> LoadedModel:
+    """A ``TrainingResult`` of mnist_lenet5 ready for ``app.inference.predict`` (eval mode, CPU)."""
     model = build_model("mnist_lenet5", result.architecture)
     model.load_state_dict(result.tensors)
     model.eval()
-    loaded = LoadedModel("bench", "mnist_lenet5", model, PRESETS["mnist_lenet5"], result.classes, "")
-    return loaded, {"hyperparameters": hyperparameters, "metrics": [m.model_dump() for m in result.metrics]}
+    return LoadedModel("bench", "mnist_lenet5", model, PRESETS["mnist_lenet5"], result.classes, "")
 
 
-def test_digits(data_dir: Path, count: int) -> tuple[np.ndarray, np.ndarray]:
+def mnist_test_digits(data_dir: Path, count: int) -> tuple[np.ndarray, np.ndarray]:
     """The first ``count`` MNIST test digits: uint8 (count, 28, 28) and int64 labels (count,)."""
     raw = data_dir / "MNIST" / "raw"
     images = read_image_file(str(raw / "t10k-images-idx3-ubyte"))[:count].numpy()
@@ -162,9 +166,11 @@ def main() -> None:
     torch.manual_seed(0)
     data_dir = find_data_dir(args.data_dir)
     start = time.perf_counter()
-    loaded, training = train_lenet(data_dir, args.train_samples, args.epochs)
+    trained, hyperparameters = train_lenet(data_dir, args.train_samples, args.epochs)
+    loaded = as_loaded(trained)
     train_s = time.perf_counter() - start
-    digits, labels = test_digits(data_dir, args.digits)
+    training = {"hyperparameters": hyperparameters, "metrics": [m.model_dump() for m in trained.metrics]}
+    digits, labels = mnist_test_digits(data_dir, args.digits)
     start = time.perf_counter()
     accuracy = evaluate(loaded, digits, labels)
     result = {
