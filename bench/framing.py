@@ -38,8 +38,7 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from app.inference import LoadedModel, predict
 from core.images import decode_image
-from models_store.architectures import build_model
-from models_store.presets import PRESETS
+from tasks import get_task
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -76,10 +75,11 @@ def train_lenet(data_dir: Path, train_samples: int | None, epochs: int, seed: in
 
 def as_loaded(result: object) -> LoadedModel:
     """A ``TrainingResult`` of mnist_lenet5 ready for ``app.inference.predict`` (eval mode, CPU)."""
-    model = build_model("mnist_lenet5", result.architecture)
+    task = get_task("mnist_lenet5")
+    model = task.build_model(result.architecture)
     model.load_state_dict(result.tensors)
     model.eval()
-    return LoadedModel("bench", "mnist_lenet5", model, PRESETS["mnist_lenet5"], result.classes, "")
+    return LoadedModel("bench", "mnist_lenet5", model, task.preset, result.classes, "")
 
 
 def mnist_test_digits(data_dir: Path, count: int) -> tuple[np.ndarray, np.ndarray]:

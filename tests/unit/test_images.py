@@ -471,14 +471,14 @@ def test_framing_without_ink_changes_nothing():
 def test_dataset_images_are_decoded_by_the_same_rules(tmp_path):
     """worker.data decodes ImageFolder files with core.images: a zero-alpha BMP is opaque there
     too, and a format outside the allow-list is refused, never handed to another decoder."""
-    from models_store.presets import PRESETS
-    from worker.data import DatasetCorrupt, _decode_chunk, _FolderSource
+    from tasks import get_task
+    from worker.data import DatasetCorrupt, ImageFolderSource, _decode_chunk
 
     pixels = digit_seven()
     (tmp_path / "zero.bmp").write_bytes(bmp_v5(pixels, alpha=0))
     (tmp_path / "opaque.bmp").write_bytes(bmp_v5(pixels, alpha=255))
     (tmp_path / "page.eps").write_bytes(eps_bytes())
-    source, preset = _FolderSource(root=str(tmp_path)), PRESETS["mnist_lenet5"].to_dict()
+    source, preset = ImageFolderSource(root=str(tmp_path)), get_task("mnist_lenet5").preset.to_dict()
     zero, opaque = _decode_chunk(source, [str(tmp_path / "zero.bmp"), str(tmp_path / "opaque.bmp")], preset)
     assert np.array_equal(zero, opaque) and zero.max() == 255
     with pytest.raises(DatasetCorrupt, match="accepted format"):
