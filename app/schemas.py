@@ -125,7 +125,8 @@ class PredictionPublic(BaseModel):
     )
     image: dict[str, Any] = Field(
         description=(
-            "The upload as decoded: width and height after its EXIF orientation, PIL mode before conversion."
+            "The upload as decoded: width and height after its EXIF orientation, PIL mode before "
+            "conversion, format, frames, JPEG scans; `exif`, `alpha` and `icc` notes when they applied."
         ),
         examples=[{"width": 28, "height": 28, "mode": "L"}],
     )
