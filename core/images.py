@@ -229,11 +229,11 @@ def _declared_sizes(image: Image.Image, data: bytes) -> list[tuple[int, int]]:
     """(width, height) of every frame the container declares, from headers only."""
     if image.format == "GIF":
         return _gif_sizes(data, image.size)
-    if image.format not in ("TIFF", "MPO"):
-        return [image.size]  # one picture, or frames bounded by the canvas (APNG, WebP)
-    count = image.n_frames
+    count = getattr(image, "n_frames", 1)
     if count > MAX_FRAMES:
         raise ImageRejected(413, f"the image declares {count} frames, over the limit of {MAX_FRAMES}")
+    if image.format not in ("TIFF", "MPO"):
+        return [image.size] * count  # one picture, or frames bounded by the canvas (APNG, WebP)
     sizes = []
     try:
         for index in range(count):

@@ -296,12 +296,17 @@ def test_a_huge_later_frame_is_refused(fmt):
     assert expected in rejected.value.detail
 
 
-def test_too_many_frames_is_413():
-    frames = [Image.new("L", (2, 2), i % 256) for i in range(MAX_FRAMES + 1)]
-    data = image_bytes(frames[0], "TIFF", save_all=True, append_images=frames[1:])
+@pytest.mark.parametrize("fmt", ["TIFF", "PNG", "WEBP", "GIF"])
+def test_too_many_frames_is_413(fmt):
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)) for _ in range(MAX_FRAMES + 1)]
+    params = {"lossless": True} if fmt == "WEBP" else {}
+    data = image_bytes(frames[0], fmt, save_all=True, append_images=frames[1:], **params)
     with pytest.raises(ImageRejected) as info:
         open_image(data)
     assert info.value.status_code == 413 and "frames" in info.value.detail
+    _, ok = open_image(image_bytes(frames[0], fmt, save_all=True, append_images=frames[1:3], **params))
+    assert ok["frames"] == 3
 
 
 # Allow-list -----------------------------------------------------------------------------------
