@@ -127,7 +127,8 @@ FORM_FIELDS = ("file", "task", "model_id", "top_k", "invert", "normalize")
 
 
 def _check_form_fields(form: FormData) -> None:
-    """422 for an unknown field (a typo such as ``topk`` would otherwise be ignored) or a repeated one."""
+    """422 for an unknown field (a typo such as ``topk`` would otherwise be ignored), a repeated one,
+    or an empty one (``model_id=`` would otherwise silently mean "no model_id")."""
     unknown = sorted({name for name in form if name not in FORM_FIELDS})
     if unknown:
         raise HTTPException(
@@ -138,6 +139,13 @@ def _check_form_fields(form: FormData) -> None:
     if repeated:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT, f"form field(s) given twice: {', '.join(repeated)}"
+        )
+    # FastAPI reads an empty text field as absent; the spec (and a typo check) says it is invalid
+    empty = sorted({name for name, value in form.multi_items() if isinstance(value, str) and value == ""})
+    if empty:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"form field(s) {', '.join(empty)} given empty; leave a field out to use its default",
         )
 
 
