@@ -18,7 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from app.images import ImageRejected
+from app.inference import AliasDangling
 from core.jobs import JobRecordCorrupt
+from models_store.aliases import AliasStoreUnavailable, InvalidAlias
 from models_store.checkpoint import CheckpointInvalid, InvalidModelId, ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -112,3 +114,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ImageRejected)
     async def image_rejected(request: Request, exc: ImageRejected) -> JSONResponse:
         return _detail(exc.status_code, exc.detail)
+
+    @app.exception_handler(InvalidAlias)
+    async def invalid_alias(request: Request, exc: InvalidAlias) -> JSONResponse:
+        return _detail(422, str(exc))
+
+    @app.exception_handler(AliasDangling)
+    async def alias_dangling(request: Request, exc: AliasDangling) -> JSONResponse:
+        return _detail(409, str(exc))
+
+    @app.exception_handler(AliasStoreUnavailable)
+    async def alias_store_unavailable(request: Request, exc: AliasStoreUnavailable) -> JSONResponse:
+        return _detail(503, str(exc), {"Retry-After": "5"})

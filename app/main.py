@@ -19,7 +19,9 @@ from app.metrics import MetricsMiddleware
 from core.config import Settings, get_settings
 from core.jobs import JobStore, redis_client
 from core.queue import make_celery
+from models_store.aliases import AliasStore
 from models_store.checkpoint import CheckpointStore
+from models_store.export import ExportCache
 
 log = logging.getLogger("app")
 
@@ -57,7 +59,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.jobs = JobStore(client, settings.redis_prefix)
         app.state.checkpoints = checkpoints
-        app.state.registry = ModelRegistry(checkpoints, settings.model_cache_size)
+        app.state.aliases = AliasStore(client, settings.redis_prefix)
+        await anyio.to_thread.run_sync(app.state.aliases.refresh)
+        app.state.registry = ModelRegistry(checkpoints, settings.model_cache_size, app.state.aliases)
+        app.state.exports = ExportCache(settings.cache_dir / "exports")
         app.state.celery = make_celery(settings)
         app.state.inference_slots = anyio.Semaphore(settings.inference_concurrency)
         log.info("API ready: Redis %s, models in %s", redact_url(settings.redis_url), settings.models_dir)

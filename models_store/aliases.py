@@ -47,13 +47,14 @@ return old
 """
 
 _DELETE = """
-local current = redis.call('GET', KEYS[1])
-redis.call('HDEL', KEYS[2], ARGV[2])
-if current == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  return 1
+local name = redis.call('HGET', KEYS[1], ARGV[2])
+if not name then return false end
+redis.call('HDEL', KEYS[1], ARGV[2])
+local forward = ARGV[3] .. ':alias:' .. name .. ':' .. ARGV[2]
+if redis.call('GET', forward) == ARGV[1] then
+  redis.call('DEL', forward)
 end
-return 0
+return name
 """
 
 _REMOVE_MODEL = """
@@ -140,15 +141,14 @@ class AliasStore:
         self._remember((name, alias), model_id)
         return old
 
-    def delete(self, name: str, alias: str, model_id: str) -> bool:
-        """Remove ``alias`` of ``name`` if it points at ``model_id``; False if it did not."""
+    def delete(self, model_id: str, alias: str) -> str | None:
+        """Remove ``alias`` from ``model_id``; returns the name it was under, or None if the model
+        did not carry it. Needs no checkpoint: works for a model deleted outside the API."""
         validate_alias(alias)
-        removed = bool(
-            self._delete(keys=[self._key(name, alias), self._reverse_key(model_id)], args=[model_id, alias])
-        )
-        if removed:
+        name = self._delete(keys=[self._reverse_key(model_id)], args=[model_id, alias, self.prefix])
+        if name:
             self._remember((name, alias), None)
-        return removed
+        return name or None
 
     def get(self, name: str, alias: str) -> str | None:
         """The model id ``alias`` of ``name`` points at, or None.
@@ -164,6 +164,8 @@ class AliasStore:
                 self._down_until = time.monotonic() + _RETRY_AFTER_FAILURE_S
                 log.warning("Redis unreachable for alias %s@%s (%s): using the last table", name, alias, exc)
             else:
+                if self._table is None:
+                    self.refresh()  # Redis was down at start-up: take the copy now
                 self._remember((name, alias), model_id)
                 return model_id
         with self._lock:

@@ -49,12 +49,12 @@ def test_set_moves_the_alias_between_models_of_one_name(aliases, stack):
 
 def test_delete_only_removes_an_alias_the_model_carries(aliases):
     aliases.set("mnist_lenet5", "production", "m1")
-    assert not aliases.delete("mnist_lenet5", "production", "m2")
+    assert aliases.delete("m2", "production") is None
     assert aliases.get("mnist_lenet5", "production") == "m1"
-    assert aliases.delete("mnist_lenet5", "production", "m1")
+    assert aliases.delete("m1", "production") == "mnist_lenet5"
     assert aliases.get("mnist_lenet5", "production") is None
     assert aliases.aliases_of("m1") == []
-    assert not aliases.delete("mnist_lenet5", "production", "m1")
+    assert aliases.delete("m1", "production") is None
 
 
 def test_remove_model_drops_all_its_aliases_and_no_others(aliases):

@@ -29,8 +29,8 @@ router = APIRouter(tags=["predict"])
     summary="Classify an uploaded image",
     responses=error_responses(
         _400="Empty file.",
-        _404="Unknown model_id, or no trained model of the task yet.",
-        _409="The checkpoint failed verification (tampered or truncated).",
+        _404="Unknown model_id or alias, or no trained model of the task yet.",
+        _409="The checkpoint failed verification (tampered or truncated), or its alias dangles.",
         _413="File over MAX_UPLOAD_BYTES or image over MAX_IMAGE_PIXELS.",
         _415="Not an image Pillow can read.",
     )
@@ -61,6 +61,14 @@ async def predict_image(
             examples=["mnist_lenet5-20261129-161500-5f2c1e0b"],
         ),
     ] = None,
+    alias: Annotated[
+        str | None,
+        Form(
+            max_length=64,
+            description="With task: the model carrying this alias (with task alone: `production` if set).",
+            examples=["production"],
+        ),
+    ] = None,
     top_k: Annotated[
         int, Form(ge=1, le=100, description="Classes to return (at most the model's).", examples=[3])
     ] = 5,
@@ -87,10 +95,12 @@ async def predict_image(
             f"the file is larger than the limit of {settings.max_upload_bytes} bytes (MAX_UPLOAD_BYTES)",
         )
     async with request.app.state.inference_slots:
-        return await run_in_threadpool(_classify, registry, settings, data, model_id, task, top_k, invert)
+        return await run_in_threadpool(
+            _classify, registry, settings, data, model_id, task, top_k, invert, alias
+        )
 
 
-FORM_FIELDS = ("file", "task", "model_id", "top_k", "invert")
+FORM_FIELDS = ("file", "task", "model_id", "top_k", "invert", "alias")
 
 
 def _check_form_fields(form: FormData) -> None:
@@ -116,10 +126,11 @@ def _classify(
     task: str | None,
     top_k: int,
     invert: InvertChoice,
+    alias: str | None = None,
 ) -> PredictionPublic:
     image, info = open_upload(data, settings.max_image_pixels)
     try:
-        checkpoint = registry.resolve(model_id, task)
+        checkpoint, alias = registry.resolve_with_alias(model_id, task, alias)
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     loaded = registry.get(checkpoint)
@@ -129,6 +140,7 @@ def _classify(
     PREDICTION_SECONDS.labels(task=loaded.task).observe(time.perf_counter() - start)
     return PredictionPublic(
         model_id=loaded.model_id,
+        alias=alias,
         task=loaded.task,
         predictions=[
             ClassProbability(index=i, label=loaded.classes[i], probability=p)
