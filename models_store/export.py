@@ -101,7 +101,7 @@ def export_onnx(
                 model,
                 example,
                 dynamo=True,
-                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=65536)}},
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
                 verbose=False,
                 **names,
             )
