@@ -107,7 +107,8 @@ def export_onnx(
             )
             proto = program.model_proto
         except Exception as dynamo_error:  # the exporter raises many error types
-            log.warning("dynamo ONNX export failed (%s); using the TorchScript exporter", dynamo_error)
+            reason = (str(dynamo_error).strip().splitlines() or [type(dynamo_error).__name__])[0][:300]
+            log.warning("dynamo ONNX export failed (%s); using the TorchScript exporter", reason)
             buffer = io.BytesIO()
             try:
                 torch.onnx.export(

@@ -88,3 +88,28 @@ def test_onnx_export_has_dynamic_batch_metadata_and_matches(task):
             expected = model(x).numpy()
         np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
         assert np.abs(expected).max() > 1e-3
+
+
+class DataDependent(torch.nn.Module):
+    """A branch on a tensor's value: torch.export refuses it, the TorchScript tracer follows it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(28 * 28, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.fc(x.flatten(1))
+        return logits if logits.sum() > -1e9 else -logits
+
+
+def test_falls_back_to_the_torchscript_exporter(caplog):
+    torch.manual_seed(0)
+    model = DataDependent().eval()
+    with caplog.at_level("WARNING"):
+        proto = export_onnx(model, PRESETS["mnist_lenet5"], [str(d) for d in range(10)], {})
+    assert "using the TorchScript exporter" in caplog.text
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 1, 28, 28)
+    (logits,) = session.run(["logits"], {"input": x.numpy()})
+    with torch.inference_mode():
+        np.testing.assert_allclose(logits, model(x).numpy(), atol=1e-4, rtol=0)
