@@ -1,6 +1,6 @@
 """Serving: resolve a checkpoint, keep loaded models in an LRU cache, run one image through it.
 
-Preprocessing is the checkpoint's own preset (``models_store.presets.Preset``, stored in its
+Preprocessing is the checkpoint's own preset (``tasks.base.Preset``, stored in its
 metadata): the same ``to_uint8`` and ``normalize`` that built and evaluated its training data.
 New checkpoints are seen without a restart, since every request lists the store; a model is
 (re)loaded when its weights file changes, and loading verifies its sha256 first.
@@ -17,7 +17,6 @@ from PIL import Image
 
 from app.images import InvertChoice, should_invert, to_mode
 from models_store.aliases import DEFAULT_ALIAS, AliasStore, model_name
-from models_store.architectures import build_model
 from models_store.checkpoint import (
     CheckpointError,
     CheckpointInfo,
@@ -25,7 +24,8 @@ from models_store.checkpoint import (
     CheckpointStore,
     ModelNotFound,
 )
-from models_store.presets import Preset
+from tasks import get_task
+from tasks.base import Preset
 
 
 @dataclass
@@ -164,7 +164,7 @@ class ModelRegistry:
     def _load(self, model_id: str) -> LoadedModel:
         tensors, meta = self.store.load(model_id)
         try:
-            model = build_model(meta["task"], meta["architecture"])
+            model = get_task(meta["task"]).build_model(meta["architecture"])
             model.load_state_dict(tensors, strict=True)
             preset = Preset.from_dict(meta["preset"])
             classes = list(meta["classes"])

@@ -45,7 +45,7 @@ from models_store.checkpoint import (
     sha256_bytes,
     validate_model_id,
 )
-from models_store.presets import Preset
+from tasks.base import Preset
 
 log = logging.getLogger(__name__)
 

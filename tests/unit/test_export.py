@@ -12,9 +12,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models_store.architectures import build_model
 from models_store.export import ExportCache, export_onnx
-from models_store.presets import PRESETS
+from tasks import get_task
 from tests.factories_models import ARCHITECTURES
 
 
@@ -68,11 +67,11 @@ def test_new_weights_replace_the_stale_export_and_failures_leave_nothing(tmp_pat
 def test_onnx_export_has_dynamic_batch_metadata_and_matches(task):
     architecture, classes = ARCHITECTURES[task]
     torch.manual_seed(0)
-    model = build_model(task, architecture).eval()
+    model = get_task(task).build_model(architecture).eval()
     if task == "cifar10_dense":  # its buffers start at zero
         for buffer in model.buffers():
             buffer.normal_(0, 0.1)
-    preset = PRESETS[task]
+    preset = get_task(task).preset
     metadata = {"model_id": f"{task}-x", "task": task, "weights": {"sha256": "0" * 64}}
     proto = export_onnx(model, preset, classes, metadata)
     props = {p.key: p.value for p in proto.metadata_props}
@@ -106,7 +105,7 @@ def test_falls_back_to_the_torchscript_exporter(caplog):
     torch.manual_seed(0)
     model = DataDependent().eval()
     with caplog.at_level("WARNING"):
-        proto = export_onnx(model, PRESETS["mnist_lenet5"], [str(d) for d in range(10)], {})
+        proto = export_onnx(model, get_task("mnist_lenet5").preset, [str(d) for d in range(10)], {})
     assert "using the TorchScript exporter" in caplog.text
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     x = torch.randn(5, 1, 28, 28)

@@ -9,10 +9,10 @@ from fastapi.responses import FileResponse
 
 from app.api.deps import AliasesDep, CheckpointsDep, ExportsDep, RegistryDep
 from app.schemas import AliasPublic, ModelPublic, ModelsPublic, error_responses
-from core.hyperparams import TaskName
 from models_store.aliases import model_name, validate_alias
 from models_store.checkpoint import CheckpointInfo, CheckpointInvalid, ModelNotFound, validate_model_id
 from models_store.export import ExportFormat, export_onnx, safetensors_zip
+from tasks import TaskName
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -28,7 +28,7 @@ AliasName = Annotated[
 
 
 def model_public(info: CheckpointInfo, aliases: list[str] | None = None) -> ModelPublic:
-    meta = info.metadata if isinstance(info.metadata, dict) else {}
+    meta = info.metadata
     return ModelPublic(
         id=info.model_id,
         task=meta.get("task"),
