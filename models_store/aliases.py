@@ -30,10 +30,10 @@ import redis
 
 log = logging.getLogger(__name__)
 
-ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,63}\Z"
+# $ also matches before a final newline ("abc\n"), so aliases are checked with fullmatch.
+ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
 _ALIAS_RE = re.compile(ALIAS_PATTERN)
 DEFAULT_ALIAS = "production"
-RESERVED_ALIASES = frozenset({"latest"})  # as in MLflow: "the newest model" is not an alias
 _RETRY_AFTER_FAILURE_S = 2.0
 
 _SET = """
@@ -73,7 +73,7 @@ return removed
 
 
 class InvalidAlias(ValueError):
-    """The alias is not of the form ``ALIAS_PATTERN``, or is reserved."""
+    """The alias is not of the form ``ALIAS_PATTERN``."""
 
 
 class AliasStoreUnavailable(Exception):
@@ -81,15 +81,13 @@ class AliasStoreUnavailable(Exception):
 
 
 def validate_alias(alias: str) -> str:
-    """Return ``alias`` if it is 1-64 characters of a-z, 0-9, '_' and '-' starting with a letter
-    and not reserved; raise ``InvalidAlias`` otherwise."""
-    if not isinstance(alias, str) or not _ALIAS_RE.match(alias):
+    """Return ``alias`` if it is 1-64 characters of a-z, 0-9, '_' and '-' starting with a letter;
+    raise ``InvalidAlias`` otherwise."""
+    if not isinstance(alias, str) or not _ALIAS_RE.fullmatch(alias):
         raise InvalidAlias(
             f"invalid alias {alias!r}: expected 1-64 characters of a-z, 0-9, '_' and '-', "
             "starting with a letter"
         )
-    if alias in RESERVED_ALIASES:
-        raise InvalidAlias(f"alias {alias!r} is reserved: without an alias /predict uses the newest model")
     return alias
 
 

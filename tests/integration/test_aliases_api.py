@@ -94,7 +94,7 @@ def test_alias_requests_are_checked(stack):
     models_dir = stack.settings().models_dir
     model_id = make_model_checkpoint(models_dir, "mnist_lenet5")
     with api_client(stack) as client:
-        for alias in ("Production", "1st", "a" * 65, "latest", "a.b"):
+        for alias in ("Production", "1st", "a" * 65, "a.b", "x%0A"):
             response = client.put(f"/models/{model_id}/aliases/{alias}")
             assert response.status_code == 422, (alias, response.text)
         assert client.put("/models/mnist_lenet5-nope/aliases/production").status_code == 404
@@ -112,6 +112,8 @@ def test_alias_requests_are_checked(stack):
         assert predict(client, model_id=model_id, alias="production").status_code == 422
         assert predict(client, alias="production").status_code == 422
         assert predict(client, task="mnist_lenet5", alias="Bad Alias").status_code == 422
+        empty = predict(client, task="mnist_lenet5", alias="")
+        assert empty.status_code == 422 and "empty: alias" in empty.json()["detail"]
 
 
 def test_delete_refuses_aliased_model_unless_forced(stack):

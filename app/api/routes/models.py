@@ -9,18 +9,27 @@ from fastapi.responses import FileResponse
 
 from app.api.deps import AliasesDep, CheckpointsDep, ExportsDep, RegistryDep
 from app.schemas import AliasPublic, ModelPublic, ModelsPublic, error_responses
-from models_store.aliases import model_name, validate_alias
-from models_store.checkpoint import CheckpointInfo, CheckpointInvalid, ModelNotFound, validate_model_id
+from models_store.aliases import ALIAS_PATTERN, model_name, validate_alias
+from models_store.checkpoint import (
+    MODEL_ID_PATTERN,
+    CheckpointInfo,
+    CheckpointInvalid,
+    ModelNotFound,
+    validate_model_id,
+)
 from models_store.export import ExportFormat, export_onnx, safetensors_zip
 from tasks import TaskName
 
 router = APIRouter(prefix="/models", tags=["models"])
 
-ModelId = Annotated[str, Path(max_length=128, description="Model id, as listed by GET /models.")]
+ModelId = Annotated[
+    str, Path(max_length=128, pattern=MODEL_ID_PATTERN, description="Model id, as listed by GET /models.")
+]
 AliasName = Annotated[
     str,
     Path(
         max_length=64,
+        pattern=ALIAS_PATTERN,
         description="Alias: 1-64 characters of a-z, 0-9, '_' and '-', starting with a letter.",
         examples=["production"],
     ),
@@ -72,7 +81,9 @@ def list_models(
     "/{model_id}",
     response_model=ModelPublic,
     summary="Read one checkpoint",
-    responses=error_responses(_404="No such model.", _422="Not a valid model id."),
+    responses=error_responses(
+        _404=("No such model.", "no model with id 'mnist_lenet5-20261129-161500-5f2c1e0b'")
+    ),
 )
 def get_model(model_id: ModelId, checkpoints: CheckpointsDep, alias_store: AliasesDep) -> ModelPublic:
     info = checkpoints.get(model_id)
@@ -86,7 +97,6 @@ def get_model(model_id: ModelId, checkpoints: CheckpointsDep, alias_store: Alias
     responses=error_responses(
         _404="No such model.",
         _409="The model failed verification, or has no task.",
-        _422="Not a valid model id or alias.",
     ),
 )
 def set_alias(
@@ -113,9 +123,7 @@ def set_alias(
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
     summary="Remove an alias from the model",
-    responses=error_responses(
-        _404="The model does not carry this alias.", _422="Not a valid model id or alias."
-    ),
+    responses=error_responses(_404="The model does not carry this alias."),
 )
 def delete_alias(model_id: ModelId, alias: AliasName, alias_store: AliasesDep) -> Response:
     """Works also for a model deleted outside the API (its alias would otherwise dangle)."""
@@ -133,7 +141,6 @@ def delete_alias(model_id: ModelId, alias: AliasName, alias_store: AliasesDep) -
     responses=error_responses(
         _404="No such model.",
         _409="The model carries aliases (remove them, or pass force=true).",
-        _422="Not a valid model id.",
     ),
 )
 def delete_model(
@@ -181,7 +188,6 @@ MEDIA_TYPES = {"onnx": "application/octet-stream", "safetensors": "application/z
     | error_responses(
         _404="No such model.",
         _409="The checkpoint failed verification.",
-        _422="Not a valid model id or format.",
     ),
 )
 def export_model(
