@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torchvision.datasets.mnist import read_image_file
 
-from app.images import to_mode
+from core.images import to_mode
 from tests.conftest import Stack, api_client
 from tests.factories import image_bytes
 from tests.factories_models import make_model_checkpoint
@@ -105,7 +105,9 @@ def test_readme_onnx_snippet_reproduces_predict(exported, task):
     exec(code.replace('"model.onnx"', repr(str(path))), namespace)
     for data in images:
         response = client.post(
-            "/predict", files={"file": ("image", data)}, data={"model_id": model_id, "top_k": 100}
+            "/predict",
+            files={"file": ("image", data)},
+            data={"model_id": model_id, "top_k": 100, "normalize": "none"},
         )
         assert response.status_code == 200, response.text
         served = np.zeros(len(namespace["classes"]), np.float32)

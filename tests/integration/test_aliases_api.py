@@ -113,7 +113,7 @@ def test_alias_requests_are_checked(stack):
         assert predict(client, alias="production").status_code == 422
         assert predict(client, task="mnist_lenet5", alias="Bad Alias").status_code == 422
         empty = predict(client, task="mnist_lenet5", alias="")
-        assert empty.status_code == 422 and "empty: alias" in empty.json()["detail"]
+        assert empty.status_code == 422 and "alias given empty" in empty.json()["detail"]
 
 
 def test_delete_refuses_aliased_model_unless_forced(stack):
