@@ -23,7 +23,9 @@ from app.security import ApiKeyMiddleware
 from core.config import Settings, get_settings
 from core.jobs import JobStore, redis_client
 from core.queue import make_celery
+from models_store.aliases import AliasStore
 from models_store.checkpoint import CheckpointStore
+from models_store.export import ExportCache
 
 log = logging.getLogger("app")
 
@@ -71,7 +73,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.jobs = JobStore(client, settings.redis_prefix)
         app.state.checkpoints = checkpoints
-        app.state.registry = ModelRegistry(checkpoints, settings.model_cache_size)
+        app.state.aliases = AliasStore(client, settings.redis_prefix)
+        await anyio.to_thread.run_sync(app.state.aliases.refresh)
+        app.state.registry = ModelRegistry(checkpoints, settings.model_cache_size, app.state.aliases)
+        app.state.exports = ExportCache(settings.cache_dir / "exports")
         app.state.celery = make_celery(settings)
         app.state.inference_slots = anyio.Semaphore(settings.inference_concurrency)
         app.state.heavy_decode_lane = anyio.Semaphore(1)  # uploads over HEAVY_DECODE_COST
@@ -114,7 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "HEAD", "POST"],
+            allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
         )
     app.add_middleware(MetricsMiddleware)

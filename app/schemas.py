@@ -95,6 +95,14 @@ class ModelPublic(BaseModel):
         description="sha256 of the weights file.",
         examples=["3b0c9f1e5d2a4c6b8e7f9a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f"],
     )
+    name: str | None = Field(
+        None,
+        description="Name its aliases live under: its dataset if it has one, else its task.",
+        examples=["mnist_lenet5"],
+    )
+    aliases: list[str] = Field(
+        default_factory=list, description="Aliases it carries (e.g. production).", examples=[["production"]]
+    )
 
 
 class ModelsPublic(BaseModel):
@@ -102,6 +110,21 @@ class ModelsPublic(BaseModel):
 
     data: list[ModelPublic] = Field(description="The checkpoints on this page.", examples=[[]])
     count: int = Field(description="Checkpoints matching the filters, over all pages.", examples=[3])
+
+
+class AliasPublic(BaseModel):
+    """An alias of a model name, and the model it points at."""
+
+    name: str = Field(
+        description="Model name (task, or dataset of a custom model).", examples=["mnist_lenet5"]
+    )
+    alias: str = Field(description="The alias.", examples=["production"])
+    model_id: str = Field(
+        description="Model it points at now.", examples=["mnist_lenet5-20261129-161500-5f2c1e0b"]
+    )
+    previous_model_id: str | None = Field(
+        None, description="Model it pointed at before (null if it is new).", examples=[None]
+    )
 
 
 class ClassProbability(BaseModel):
@@ -116,6 +139,11 @@ class PredictionPublic(BaseModel):
     """Top-k classes of one image, most probable first."""
 
     model_id: str = Field(description="Checkpoint used.", examples=["mnist_lenet5-20261129-161500-5f2c1e0b"])
+    alias: str | None = Field(
+        None,
+        description="The alias that chose the model (null: model_id or newest).",
+        examples=["production"],
+    )
     task: TaskName = Field(description="Its task.", examples=["mnist_lenet5"])
     predictions: list[ClassProbability] = Field(description="Top-k classes; probabilities sum to <= 1.")
     inverted: bool | None = Field(
