@@ -12,7 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
 from app.api.main import api_router
-from app.api.routes.ui import mount_ui
+from app.api.routes.ui import is_ui_path, mount_ui
 from app.errors import install_error_handlers, redact_url
 from app.inference import ModelRegistry
 from app.limits import BodySizeLimitMiddleware
@@ -53,8 +53,9 @@ FORM_MAX_FIELDS = 32
 
 
 def is_open_path(path: str) -> bool:
-    """Whether ``path`` is served without an API key (probes, docs and their static files)."""
-    return path in OPEN_PATHS or path.startswith(DOCS_STATIC_URL + "/")
+    """Whether ``path`` is served without an API key (probes, docs and their static files, the
+    console's files: the API calls the console makes carry the key)."""
+    return path in OPEN_PATHS or path.startswith(DOCS_STATIC_URL + "/") or is_ui_path(path)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

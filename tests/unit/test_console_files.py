@@ -30,7 +30,9 @@ def test_root_redirects_to_the_console_and_files_need_no_key():
         assert c.get(path).status_code == 200, path
     assert c.get("/ui/config.json").json() == {"auth_required": True}
     assert client().get("/ui/config.json").json() == {"auth_required": False}
-    assert c.get("/ui/../core/config.py").status_code == 404
+    leak = c.get("/ui/..%2Fcore%2Fconfig.py")
+    assert leak.status_code == 404 and "Settings" not in leak.text
+    assert c.get("/jobs").status_code == 401  # the API itself still needs the key
 
 
 def test_nothing_is_loaded_from_another_host():

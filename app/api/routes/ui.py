@@ -32,6 +32,11 @@ def ui_config(settings: SettingsDep) -> dict[str, bool]:
     return {"auth_required": bool(settings.api_keys)}
 
 
+def is_ui_path(path: str) -> bool:
+    """``/``, ``/ui`` and everything under ``/ui/``: open without an API key."""
+    return path in ("/", "/ui") or path.startswith("/ui/")
+
+
 def mount_ui(app: FastAPI) -> None:
     """Serve the console's files at /ui/ (index.html for /ui/). Call after the API routers."""
     app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
