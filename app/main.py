@@ -13,6 +13,7 @@ from fastapi_offline import FastAPIOffline
 
 from app.api.main import api_router
 from app.errors import install_error_handlers, redact_url
+from app.events import async_redis_client
 from app.inference import ModelRegistry
 from app.limits import BodySizeLimitMiddleware
 from app.metrics import MetricsMiddleware
@@ -60,9 +61,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = ModelRegistry(checkpoints, settings.model_cache_size)
         app.state.celery = make_celery(settings)
         app.state.inference_slots = anyio.Semaphore(settings.inference_concurrency)
+        app.state.redis_async = async_redis_client(settings.redis_url, settings.redis_timeout_s)
         log.info("API ready: Redis %s, models in %s", redact_url(settings.redis_url), settings.models_dir)
         yield
         client.close()
+        await app.state.redis_async.aclose()
 
     # Swagger UI 5 and ReDoc served from the package (no CDN), so /docs works offline.
     app = FastAPIOffline(

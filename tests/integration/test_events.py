@@ -1,0 +1,137 @@
+"""Live job events (GET /jobs/{id}/events) against a real uvicorn API, a real worker and Redis."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def read_events(
+    url: str,
+    last_event_id: str | None = None,
+    stop: callable = lambda events: False,
+    timeout: float = 180,
+) -> tuple[list[tuple[str, str, str]], bool]:
+    """Read SSE events (id, event, data) until the server closes the stream (True) or ``stop``
+    says so after an event (False: the client disconnects)."""
+    headers = {"Accept": "text/event-stream"}
+    if last_event_id:
+        headers["Last-Event-ID"] = last_event_id
+    events: list[tuple[str, str, str]] = []
+    with httpx.stream("GET", url, headers=headers, timeout=httpx.Timeout(timeout, connect=10)) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        current: dict[str, str] = {}
+        for line in response.iter_lines():
+            if line == "":
+                if "data" in current:
+                    events.append((current.get("id", ""), current.get("event", "message"), current["data"]))
+                    current = {}
+                    if stop(events):
+                        return events, False
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            current[name] = value[1:] if value.startswith(" ") else value
+    return events, True
+
+
+def submit(api_url: str, task: str, **hp) -> dict:
+    response = httpx.post(f"{api_url}/jobs", json={"task": task, "hyperparameters": hp}, timeout=10)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def test_events_resume_with_last_event_id_equals_one_read(
+    make_stack, start_worker, start_api, synthetic_data_dir
+):
+    stack = make_stack(data_dir=synthetic_data_dir)
+    start_worker(stack)
+    api = start_api(stack)
+    job = submit(api.url, "mnist_lenet5", epochs=6)
+    events_url = f"{api.url}/jobs/{job['id']}/events"
+
+    whole: dict[str, list] = {}
+    reader = threading.Thread(target=lambda: whole.setdefault("events", read_events(events_url)[0]))
+    reader.start()
+
+    # A second client leaves after the first epoch, stays away while the next epoch ends, resumes.
+    first, closed = read_events(events_url, stop=lambda ev: ev[-1][1] == "epoch")
+    assert not closed
+    seen_epochs = sum(1 for _, kind, _ in first if kind == "epoch")
+    wait_for(
+        lambda: len(httpx.get(f"{api.url}/jobs/{job['id']}").json()["metrics"]) > seen_epochs,
+        timeout=120,
+        what="another epoch while the client is away",
+    )
+    rest, closed = read_events(events_url, last_event_id=first[-1][0])
+    assert closed
+    reader.join(180)
+    assert not reader.is_alive()
+    resumed = first + rest
+
+    assert resumed == whole["events"]
+    ids = [event_id for event_id, _, _ in resumed]
+    assert len(set(ids)) == len(ids) and ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+
+    done = httpx.get(f"{api.url}/jobs/{job['id']}").json()
+    assert done["status"] == "succeeded", done["error"]
+    statuses = [json.loads(data) for _, kind, data in resumed if kind == "status"]
+    assert [s["status"] for s in statuses] == ["queued", "running", "succeeded"]
+    assert statuses[-1]["model_id"] == done["model_id"] and statuses[-1]["error"] is None
+    epochs = [json.loads(data) for _, kind, data in resumed if kind == "epoch"]
+    assert epochs == done["metrics"]  # exactly the stored per-epoch metrics, in order
+    progress = [json.loads(data) for _, kind, data in resumed if kind == "progress"]
+    assert progress and {"epoch", "epochs", "batches_done", "batches_total", "stage"} <= progress[-1].keys()
+    times = [int(event_id.split("-")[0]) for event_id, kind, _ in resumed if kind == "progress"]
+    span_s = (times[-1] - times[0]) / 1000
+    assert len(times) <= 4 * span_s + 8  # at most ~4 progress events per second
+
+    # A finished job replays its whole history and closes; resuming after its last event closes at once.
+    replay, closed = read_events(events_url)
+    assert closed and replay == resumed
+    tail, closed = read_events(events_url, last_event_id=resumed[-1][0])
+    assert closed and tail == []
+    middle = len(resumed) // 2
+    tail, closed = read_events(events_url, last_event_id=resumed[middle][0])
+    assert closed and tail == resumed[middle + 1 :]
+
+
+def test_events_errors_and_auth(make_stack, start_api):
+    stack = make_stack(api_keys=["k" * 24], environment="production")
+    api = start_api(stack)
+    headers = {"Authorization": "Bearer " + "k" * 24}
+    unknown = f"{api.url}/jobs/{'f' * 32}/events"
+    assert httpx.get(unknown, timeout=10).status_code == 401
+    assert httpx.get(unknown, params={"api_key": "k" * 24}, timeout=10).status_code == 401
+    assert httpx.get(unknown, headers=headers, timeout=10).status_code == 404
+    job = httpx.post(
+        f"{api.url}/jobs", json={"task": "mnist_lenet5"}, headers=headers, timeout=10
+    ).json()  # no worker: stays queued
+    url = f"{api.url}/jobs/{job['id']}/events"
+    bad = httpx.get(url, headers={**headers, "Last-Event-ID": "nope"}, timeout=10)
+    assert bad.status_code == 422
+    # A queued job: the history so far (queued), then a cancel arrives live and ends the stream.
+    got: dict[str, list] = {}
+
+    def read() -> None:
+        with httpx.stream("GET", url, headers=headers, timeout=30) as response:
+            got["lines"] = [line for line in response.iter_lines() if line.startswith(("event:", "data:"))]
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(1)
+    assert httpx.post(f"{api.url}/jobs/{job['id']}/cancel", headers=headers, timeout=10).status_code == 202
+    reader.join(20)
+    assert not reader.is_alive()
+    kinds = [json.loads(line[5:])["status"] for line in got["lines"] if line.startswith("data:")]
+    assert kinds == ["queued", "cancelled"]
