@@ -72,16 +72,39 @@ class JobProgress(BaseModel):
 
     epoch: int = Field(0, description="Current epoch, 1-based; 0 before training starts.", examples=[3])
     epochs: int = Field(0, description="Total epochs of the job.", examples=[10])
-    batches_done: int = Field(
-        0,
-        description="Batches done in the current epoch (while extracting_features: images).",
-        examples=[412],
-    )
-    batches_total: int = Field(
-        0, description="Batches per epoch (while extracting_features: images to process).", examples=[938]
-    )
+    batches_done: int = Field(0, description="Batches done in the current epoch.", examples=[412])
+    batches_total: int = Field(0, description="Batches per epoch.", examples=[938])
     images_per_s: float | None = Field(
         None, description="Training throughput of the current epoch, images/s.", examples=[9100.5]
+    )
+    loss: float | None = Field(
+        None,
+        description="Running mean training loss of the current epoch so far (null before its first batch).",
+        examples=[0.213],
+    )
+    images_done: int = Field(
+        0,
+        description=(
+            "While loading_data: images decoded (or read from the dataset cache) so far, over all the "
+            "job's splits."
+        ),
+        examples=[12000],
+    )
+    images_total: int = Field(
+        0,
+        description="While loading_data: images in the splits loaded so far and the one being loaded.",
+        examples=[60000],
+    )
+    features_done: int = Field(
+        0,
+        description=(
+            "While extracting_features (ResNet18 feature_extraction): images through the frozen backbone "
+            "so far (the BatchNorm calibration pass over train, then the train and val features)."
+        ),
+        examples=[500],
+    )
+    features_total: int = Field(
+        0, description="While extracting_features: images to put through the backbone.", examples=[641]
     )
     stage: str = Field(
         "queued",

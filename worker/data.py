@@ -104,6 +104,7 @@ def load_split(
     cache_dir: Path,
     allow_download: bool = False,
     check_stop: Callable[[], None] = lambda: None,
+    on_images: Callable[[int, int], None] = lambda done, total: None,
 ) -> ImageDataset:
     """Load one split of ``task``'s dataset as uint8 tensors, from cache when possible.
 
@@ -114,6 +115,8 @@ def load_split(
         cache_dir: CACHE_DIR; decoded splits go to ``cache_dir / "datasets"``.
         allow_download: download with torchvision / the official URL when nothing is found.
         check_stop: called between chunks of image decoding; may raise to abandon it (a cancel).
+        on_images: called with (images decoded, images in the split) as decoding goes on (after
+            each chunk of at most 1,000 images), and once the split is loaded.
 
     Raises:
         DatasetNotFound: nothing in any known layout (and download not allowed or failed).
@@ -130,13 +133,16 @@ def load_split(
     key = _fingerprint(task, split, kind, source, preset)
     if key in _memory_cache:
         _memory_cache.move_to_end(key)
-        return _memory_cache[key]
+        dataset = _memory_cache[key]
+        on_images(len(dataset), len(dataset))
+        return dataset
     cache_file = Path(cache_dir) / "datasets" / task / f"{split}-{key}.safetensors"
     dataset = _read_cache(cache_file)
     if dataset is None:
         log.info("decoding %s %s from %s (cached afterwards in %s)", task, split, source, cache_file)
-        dataset = _decode(kind, source, split, preset, check_stop)
+        dataset = _decode(kind, source, split, preset, check_stop, on_images)
         _write_cache(cache_file, dataset)
+    on_images(len(dataset), len(dataset))
     _memory_cache[key] = dataset
     while len(_memory_cache) > _MEMORY_CACHE_SIZE:
         _memory_cache.popitem(last=False)
@@ -361,13 +367,18 @@ def _write_cache(cache_file: Path, dataset: ImageDataset) -> None:
 
 
 def _decode(
-    kind: str, source: object, split: str, preset: Preset, check_stop: Callable[[], None]
+    kind: str,
+    source: object,
+    split: str,
+    preset: Preset,
+    check_stop: Callable[[], None],
+    on_images: Callable[[int, int], None] = lambda done, total: None,
 ) -> ImageDataset:
     if kind == "mnist":
         return _decode_mnist(source)
     if kind == "cifar_batches":
         return _decode_cifar_batches(Path(source), split)
-    return _decode_folder(source, split, preset, check_stop)
+    return _decode_folder(source, split, preset, check_stop, on_images)
 
 
 def _decode_mnist(paths: tuple[str, str]) -> ImageDataset:
@@ -443,7 +454,11 @@ def _decode_cifar_batches(folder: Path, split: str) -> ImageDataset:
 
 
 def _decode_folder(
-    source: _FolderSource, split: str, preset: Preset, check_stop: Callable[[], None]
+    source: _FolderSource,
+    split: str,
+    preset: Preset,
+    check_stop: Callable[[], None],
+    on_images: Callable[[int, int], None] = lambda done, total: None,
 ) -> ImageDataset:
     classes, members = _folder_members(source, split)
     if not members:
@@ -454,6 +469,7 @@ def _decode_folder(
     args = [(source, chunk, preset.to_dict()) for chunk in chunks]
     height, width = preset.input_size
     images = np.empty((len(names), preset.channels, height, width), dtype=np.uint8)
+    on_images(0, len(names))
     workers = min(len(chunks), os.cpu_count() or 1)
     with ExitStack() as stack:
         if workers > 1:
@@ -468,6 +484,7 @@ def _decode_folder(
         for array in arrays:  # copied into place chunk by chunk: peak memory ~ one copy of the split
             images[start : start + len(array)] = array
             start += len(array)
+            on_images(start, len(names))
             check_stop()
     return ImageDataset(
         images=torch.from_numpy(images),

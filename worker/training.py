@@ -78,9 +78,11 @@ class TrainingContext:
     should_stop: Callable[[], str | None] = lambda: None
     resume: ResumeStore | None = None
     show_progress_bar: bool = True
-    progress_interval_s: float = 0.5
+    progress_interval_s: float = 0.25
     stop_check_interval_s: float = 0.25
     timings: dict[str, float] = field(default_factory=dict)
+    epochs: int = 0
+    _images_loaded: int = field(default=0, repr=False)
     _last_stop_check: float = field(default=0.0, repr=False)
     _classes: dict[str, tuple[str, list[str]]] = field(default_factory=dict, repr=False)
 
@@ -103,9 +105,33 @@ class TrainingContext:
 
     def load(self, task: str, split: str) -> ImageDataset:
         start = time.perf_counter()
+        loaded_before = self._images_loaded
+        last_report = [0.0]
+
+        def on_images(done: int, total: int) -> None:  # counts add up over the splits of the job
+            now = time.perf_counter()
+            if done < total and now - last_report[0] < self.progress_interval_s:
+                return
+            last_report[0] = now
+            self.on_progress(
+                JobProgress(
+                    epochs=self.epochs,
+                    images_done=loaded_before + done,
+                    images_total=loaded_before + total,
+                    stage="loading_data",
+                )
+            )
+
         dataset = load_split(
-            task, split, self.data_dir, self.cache_dir, self.allow_download, check_stop=self.check_stop
+            task,
+            split,
+            self.data_dir,
+            self.cache_dir,
+            self.allow_download,
+            check_stop=self.check_stop,
+            on_images=on_images,
         )
+        self._images_loaded = loaded_before + len(dataset)
         self.add_time("data_s", time.perf_counter() - start)
         self._check_same_classes(task, split, dataset)
         return dataset
@@ -193,6 +219,7 @@ class BatchLoop:
         self.batches_total = (n + batch_size - 1) // batch_size
         self.images_done = 0
         self.started = time.perf_counter()
+        self.loss_sum: torch.Tensor | None = None  # the recipe's running sum of loss x batch size
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Yields int64 index tensors of shape (batch,) on the training device."""
@@ -225,12 +252,18 @@ class BatchLoop:
         return self.images_done / max(time.perf_counter() - self.started, 1e-9)
 
     def progress(self, batches_done: int, stage: str = "training") -> JobProgress:
+        """Progress of the epoch; ``loss`` is the running mean of the epoch's training loss (read
+        from the device here, a few times a second, never per batch)."""
+        loss = None
+        if self.loss_sum is not None and self.images_done:
+            loss = round(float(self.loss_sum) / self.images_done, 6)
         return JobProgress(
             epoch=self.epoch + 1,
             epochs=self.epochs,
             batches_done=batches_done,
             batches_total=self.batches_total,
             images_per_s=round(self.images_per_s, 1),
+            loss=loss if loss is None or math.isfinite(loss) else None,
             stage=stage,
         )
 
@@ -289,6 +322,7 @@ def run_training(task: str, hyperparameters: dict | Hyperparameters, ctx: Traini
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     torch.manual_seed(hp.seed)
+    ctx.epochs = hp.epochs
     ctx.on_progress(JobProgress(epochs=hp.epochs, stage="loading_data"))
     recipe = recipe_for(task, hp, ctx)
     recipe.setup()

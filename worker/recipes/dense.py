@@ -118,6 +118,7 @@ class DenseRecipe:
         device = self.ctx.device
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
+        loop.loss_sum = loss_sum  # the running mean loss in progress reports
         for idx in loop:
             x = self.preset.normalize(self.train.images[idx]).flatten(1)
             y = self.train.labels[idx]

@@ -128,8 +128,8 @@ class ResNetRecipe:
         self.ctx.on_progress(
             JobProgress(
                 epochs=self.hp.epochs,
-                batches_done=self._features_done,
-                batches_total=self._features_total,
+                features_done=self._features_done,
+                features_total=self._features_total,
                 stage="extracting_features",
             )
         )
