@@ -200,6 +200,8 @@ def save_checkpoint(
         },
         **result.extra_metadata,
     }
+    if result.evaluation is not None:
+        metadata["evaluation"] = result.evaluation
     try:
         checkpoints.save(model_id, result.tensors, metadata)
     except OSError as exc:

@@ -30,6 +30,7 @@ from core.hyperparams import Hyperparameters, parse_hyperparameters
 from core.jobs import EpochMetrics, JobProgress
 from models_store.presets import PRESETS, Preset
 from worker.data import DatasetCorrupt, ImageDataset, load_split
+from worker.evaluation import TASK_DATASETS, evaluation_report, predict_probabilities
 from worker.resume import ResumeState, ResumeStore
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,7 @@ class TrainingResult:
     metrics: list[EpochMetrics]
     train_size: int = 0
     extra_metadata: dict = field(default_factory=dict)
+    evaluation: dict | None = None
 
 
 class Recipe(Protocol):
@@ -186,6 +188,7 @@ class Recipe(Protocol):
     def setup(self) -> None: ...
     def train_one_epoch(self, epoch: int, lr: float, loop: BatchLoop) -> EpochStats: ...
     def evaluate(self) -> float: ...
+    def eval_inputs(self) -> tuple[Callable, torch.Tensor, torch.Tensor, Any, int]: ...
     def state(self) -> dict[str, Any]: ...
     def load_state(self, state: dict[str, Any]) -> None: ...
     def export(self) -> tuple[dict[str, torch.Tensor], dict, dict]: ...
@@ -346,7 +349,12 @@ def run_training(task: str, hyperparameters: dict | Hyperparameters, ctx: Traini
         if ctx.resume and epoch + 1 < hp.epochs:
             ctx.resume.save(ResumeState.capture(epoch + 1, recipe.state(), generator, metrics))
         ctx.check_stop(force=True)
+    evaluation = None
     if loop is not None:
+        ctx.on_progress(loop.progress(loop.batches_total, stage="evaluating"))
+        start = time.perf_counter()
+        evaluation = final_evaluation(task, recipe, preset)
+        ctx.add_time("eval_s", time.perf_counter() - start)
         ctx.on_progress(loop.progress(loop.batches_total, stage="saving_checkpoint"))
     tensors, architecture, extra = recipe.export()
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -359,6 +367,18 @@ def run_training(task: str, hyperparameters: dict | Hyperparameters, ctx: Traini
         metrics=metrics,
         train_size=recipe.train_size,
         extra_metadata=extra,
+        evaluation=evaluation,
+    )
+
+
+def final_evaluation(task: str, recipe: Recipe, preset: Preset) -> dict:
+    """The checkpoint's ``evaluation`` (see ``worker.evaluation.evaluation_report``) of the final
+    model on the task's eval split, through the recipe's own eval path (ResNet18 feature
+    extraction: the fc on the frozen-backbone features)."""
+    predict, inputs, labels, normalizer, batch_size = recipe.eval_inputs()
+    probabilities = predict_probabilities(predict, inputs, normalizer, batch_size)
+    return evaluation_report(
+        probabilities, labels, recipe.classes, preset.eval_split, TASK_DATASETS.get(task, task)
     )
 
 

@@ -9,9 +9,36 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import ApiProcess, Stack, WorkerProcess, wait_for
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, redis_url, synthetic_data_dir):
+    """One stack for the module: a real worker and a real uvicorn API (streaming needs a server)."""
+    stack = Stack(tmp_path_factory.mktemp("events"), redis_url, data_dir=synthetic_data_dir)
+    worker = WorkerProcess(stack).start()
+    api = ApiProcess(stack).start()
+    yield stack, api
+    api.stop()
+    worker.stop()
+    stack.cleanup_redis()
+
+
+@pytest.fixture(scope="module")
+def trained(service) -> tuple[str, dict]:
+    """A finished LeNet-5 job: (API url, job)."""
+    _, api = service
+    job = submit(api.url, "mnist_lenet5", epochs=2)
+    wait_for(
+        lambda: httpx.get(f"{api.url}/jobs/{job['id']}").json()["status"] in ("succeeded", "failed"),
+        timeout=180,
+        what="the job to end",
+    )
+    done = httpx.get(f"{api.url}/jobs/{job['id']}").json()
+    assert done["status"] == "succeeded", done["error"]
+    return api.url, done
 
 
 def read_events(
@@ -135,3 +162,28 @@ def test_events_errors_and_auth(make_stack, start_api):
     assert not reader.is_alive()
     kinds = [json.loads(line[5:])["status"] for line in got["lines"] if line.startswith("data:")]
     assert kinds == ["queued", "cancelled"]
+
+
+def test_checkpoint_has_a_consistent_evaluation(trained):
+    url, job = trained
+    model = httpx.get(f"{url}/models/{job['model_id']}").json()
+    evaluation = model["evaluation"]
+    assert evaluation["split"] == "test" and evaluation["dataset"] == "mnist"
+    classes = evaluation["classes"]
+    assert classes == model["classes"] == [str(d) for d in range(10)]
+    matrix = evaluation["confusion_matrix"]
+    assert len(matrix) == 10 and all(len(row) == 10 for row in matrix)
+    assert sum(map(sum, matrix)) == 300  # the synthetic MNIST test split
+    right = sum(matrix[i][i] for i in range(10))
+    assert evaluation["accuracy"] == pytest.approx(right / 300) == job["metrics"][-1]["test_accuracy"]
+    for c, scores in enumerate(evaluation["per_class"]):
+        assert scores["class"] == classes[c] and scores["support"] == sum(matrix[c])
+        column = sum(row[c] for row in matrix)
+        assert scores["recall"] == pytest.approx(matrix[c][c] / max(sum(matrix[c]), 1), abs=1e-6)
+        assert scores["precision"] == pytest.approx(matrix[c][c] / column if column else 0.0, abs=1e-6)
+    mistakes = evaluation["mistakes"]
+    assert len(mistakes) == min(25, 300 - right)
+    assert all(m["true"] != m["predicted"] and m["split"] == "test" for m in mistakes)
+    assert [m["probability"] for m in mistakes] == sorted((m["probability"] for m in mistakes), reverse=True)
+    assert len({m["index"] for m in mistakes}) == len(mistakes)
+    assert all(0 <= m["index"] < 300 for m in mistakes)

@@ -9,7 +9,7 @@ from worker.data import clear_memory_cache
 from worker.training import TrainingContext, run_training
 
 
-def collect(tmp_path, data_dir, task: str, hp: dict) -> list[JobProgress]:
+def collect(tmp_path, data_dir, task: str, hp: dict, results: list | None = None) -> list[JobProgress]:
     reports: list[JobProgress] = []
     clear_memory_cache()
     ctx = TrainingContext(
@@ -20,7 +20,9 @@ def collect(tmp_path, data_dir, task: str, hp: dict) -> list[JobProgress]:
         progress_interval_s=0.0,
         on_progress=reports.append,
     )
-    run_training(task, hp, ctx)
+    result = run_training(task, hp, ctx)
+    if results is not None:
+        results.append(result)
     return reports
 
 
@@ -45,10 +47,17 @@ def test_loading_reports_images_decoded_and_training_reports_running_loss(tmp_pa
 
 def test_feature_extraction_reports_in_its_own_fields(tmp_path, synthetic_data_dir):
     hp = {"epochs": 1, "batch_size": 8, "mode": "feature_extraction"}
-    reports = collect(tmp_path, synthetic_data_dir, "hymenoptera_resnet18", hp)
+    results: list = []
+    reports = collect(tmp_path, synthetic_data_dir, "hymenoptera_resnet18", hp, results)
     features = [p for p in reports if p.stage == "extracting_features"]
     # BatchNorm calibration over train (24), then the train (24) and val (16) features
     assert features and all(p.features_total == 64 and p.batches_total == 0 for p in features)
     assert [p.features_done for p in features] == sorted(p.features_done for p in features)
     assert features[-1].features_done == 64
     assert all(p.features_done == 0 for p in reports if p.stage == "training")
+
+    # its evaluation goes through the same features path as the per-epoch val accuracy
+    evaluation = results[0].evaluation
+    assert evaluation["split"] == "val" and evaluation["dataset"] == "hymenoptera"
+    assert evaluation["accuracy"] == results[0].metrics[-1].val_accuracy
+    assert sum(map(sum, evaluation["confusion_matrix"])) == 16

@@ -128,8 +128,11 @@ class DenseRecipe:
             correct += batch_correct
         return EpochStats(loss_sum=loss_sum.item(), correct=int(correct.item()), images=loop.images_done)
 
+    def eval_inputs(self) -> tuple:
+        return self.net, self.test.images, self.test.labels, self.preset, 10_000
+
     def evaluate(self) -> float:
-        return evaluate_accuracy(self.net, self.test.images, self.test.labels, self.preset, 10_000)
+        return evaluate_accuracy(*self.eval_inputs())
 
     def state(self) -> dict:
         return {"model": self.net.state_dict(), "velocity": self.velocity}

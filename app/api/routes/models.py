@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
+from pydantic import ValidationError
 
 from app.api.deps import CheckpointsDep
-from app.schemas import ModelPublic, ModelsPublic, error_responses
+from app.schemas import EvaluationPublic, ModelPublic, ModelsPublic, error_responses
 from core.hyperparams import TaskName
 from models_store.checkpoint import CheckpointInfo
 
@@ -32,7 +33,19 @@ def model_public(info: CheckpointInfo) -> ModelPublic:
         device=meta.get("device"),
         pretrained=meta.get("pretrained"),
         sha256=(meta.get("weights") or {}).get("sha256"),
+        evaluation=_evaluation(meta.get("evaluation")),
     )
+
+
+def _evaluation(value: object) -> EvaluationPublic | None:
+    """The stored evaluation, or None when there is none or it does not have the expected shape
+    (metadata.json edited by hand)."""
+    if value is None:
+        return None
+    try:
+        return EvaluationPublic.model_validate(value)
+    except ValidationError:
+        return None
 
 
 @router.get("", response_model=ModelsPublic, summary="List checkpoints, newest first")
