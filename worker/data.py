@@ -525,3 +525,84 @@ def _decode_chunk(source: _FolderSource, names: list[str], preset_dict: dict) ->
         except Exception as exc:
             raise DatasetCorrupt(f"cannot decode {name} in {_describe(source)}: {exc}") from exc
     return out
+
+
+# Reading a few images (for the API's figures) ---------------------------------------------------
+
+
+@dataclass
+class SplitItems:
+    """Some images of one split, as the model sees them.
+
+    Attributes:
+        images: uint8 (n, C, H, W), after the task preset's resize/crop.
+        labels: int64 (n,).
+        indices: the dataset indices of the images (index in the split, in loader order).
+        classes: class names of the split.
+        size: number of images in the split.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: list[int]
+    classes: list[str]
+    size: int
+
+
+def read_items(
+    task: str, split: str, data_dir: Path, cache_dir: Path, pick: Callable[[int], list[int]]
+) -> SplitItems:
+    """A few images of a split without decoding the whole split when possible.
+
+    Read from the dataset cache written by the workers (only the rows asked for, memory-mapped);
+    without a cache, only the chosen images are decoded from an ImageFolder tree or zip (MNIST IDX
+    files and CIFAR python batches are small enough to read whole). Never downloads.
+
+    Args:
+        task, split, data_dir, cache_dir: as ``load_split``.
+        pick: maps the split's size to the dataset indices wanted; may raise ``IndexError``.
+
+    Raises:
+        DatasetNotFound, DatasetCorrupt, IndexError (from ``pick``).
+    """
+    preset = PRESETS[task]
+    kind, source = _LOCATORS[task](Path(data_dir), split, False)
+    key = _fingerprint(task, split, kind, source, preset)
+    cache_file = Path(cache_dir) / "datasets" / task / f"{split}-{key}.safetensors"
+    if cache_file.is_file():
+        try:
+            with safe_open(str(cache_file), framework="pt") as f:
+                classes = json.loads(f.metadata()["classes"])
+                labels = f.get_tensor("labels")
+                indices = pick(len(labels))
+                rows = f.get_slice("images")
+                images = [rows[i : i + 1] for i in indices]
+            shape = (0, preset.channels, *preset.input_size)
+            return SplitItems(
+                images=torch.cat(images) if images else torch.empty(shape, dtype=torch.uint8),
+                labels=labels[indices],
+                indices=indices,
+                classes=classes,
+                size=len(labels),
+            )
+        except (SafetensorError, OSError, KeyError, ValueError) as exc:
+            log.warning("ignoring unreadable dataset cache %s: %s", cache_file, exc)
+    if kind != "folder":
+        dataset = _decode(kind, source, split, preset, lambda: None)
+        indices = pick(len(dataset))
+        return SplitItems(
+            dataset.images[indices], dataset.labels[indices], indices, dataset.classes, len(dataset)
+        )
+    classes, members = _folder_members(source, split)
+    indices = pick(len(members))
+    names = [members[i][0] for i in indices]
+    images = torch.from_numpy(_decode_chunk(source, names, preset.to_dict()))
+    labels = torch.tensor([members[i][1] for i in indices], dtype=torch.int64)
+    return SplitItems(images, labels, indices, classes, len(members))
+
+
+_LOCATORS = {
+    "mnist_lenet5": _locate_mnist,
+    "cifar10_dense": _locate_cifar10,
+    "hymenoptera_resnet18": _locate_hymenoptera,
+}

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 
-from tests.conftest import ApiProcess, Stack, WorkerProcess, wait_for
+from tests.conftest import ApiProcess, Stack, WorkerProcess, api_client, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -147,6 +149,8 @@ def test_events_errors_and_auth(make_stack, start_api):
     url = f"{api.url}/jobs/{job['id']}/events"
     bad = httpx.get(url, headers={**headers, "Last-Event-ID": "nope"}, timeout=10)
     assert bad.status_code == 422
+    curves = png(httpx.get(f"{api.url}/jobs/{job['id']}/curves.png", headers=headers, timeout=60))
+    assert curves.size == (1200, 450)  # no epoch yet: empty panels
     # A queued job: the history so far (queued), then a cancel arrives live and ends the stream.
     got: dict[str, list] = {}
 
@@ -187,3 +191,78 @@ def test_checkpoint_has_a_consistent_evaluation(trained):
     assert [m["probability"] for m in mistakes] == sorted((m["probability"] for m in mistakes), reverse=True)
     assert len({m["index"] for m in mistakes}) == len(mistakes)
     assert all(0 <= m["index"] < 300 for m in mistakes)
+
+
+def png(response: httpx.Response):
+    from PIL import Image
+
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(response.content))
+    image.load()
+    return image
+
+
+def has_colour(image, rgb: tuple[int, int, int], tolerance: int = 12) -> bool:
+    pixels = np.asarray(image.convert("RGB")).astype(int)
+    return bool((np.abs(pixels - np.array(rgb)).max(axis=2) <= tolerance).any())
+
+
+def test_figures_of_a_job_and_its_model(trained):
+    url, job = trained
+    curves = png(httpx.get(f"{url}/jobs/{job['id']}/curves.png", timeout=60))
+    assert curves.size == (1200, 450)
+    left, right = curves.crop((0, 0, 600, 450)), curves.crop((600, 0, 1200, 450))
+    blue, orange = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's first two line colours
+    assert has_colour(left, blue) and not has_colour(left, orange)  # loss: one line
+    assert has_colour(right, blue) and has_colour(right, orange)  # train and test accuracy
+    confusion = png(httpx.get(f"{url}/models/{job['model_id']}/confusion.png", timeout=60))
+    assert confusion.size == (800, 700)
+    assert httpx.get(f"{url}/jobs/{'f' * 32}/curves.png").status_code == 404
+    assert httpx.get(f"{url}/models/nope/confusion.png").status_code == 404
+
+
+def test_dataset_samples_and_images(trained, synthetic_data_dir, tmp_path):
+    from worker.data import clear_memory_cache, load_split
+
+    url, job = trained
+    grid = png(httpx.get(f"{url}/datasets/mnist/samples.png", timeout=60))  # n=25: 5 x 5 tiles
+    assert grid.size == (5 * 120, 5 * 144)
+    grid = png(httpx.get(f"{url}/datasets/cifar10/samples.png", params={"n": 7, "seed": 3}, timeout=60))
+    assert grid.size == (3 * 120, 3 * 144)
+    grid = png(
+        httpx.get(f"{url}/datasets/hymenoptera/samples.png", params={"split": "val", "n": 4}, timeout=60)
+    )
+    assert grid.size == (2 * 120, 2 * 144)
+    for params, code in [({"n": 0}, 422), ({"n": 101}, 422), ({"split": "val"}, 404)]:
+        assert httpx.get(f"{url}/datasets/mnist/samples.png", params=params).status_code == code
+    assert httpx.get(f"{url}/datasets/imagenet/samples.png").status_code == 404
+
+    # One image, exactly as the loader gives it (the same index as in an evaluation's mistakes).
+    clear_memory_cache()
+    job_mistake = httpx.get(f"{url}/models/{job['model_id']}").json()["evaluation"]["mistakes"]
+    index = job_mistake[0]["index"] if job_mistake else 0
+    mnist = load_split("mnist_lenet5", "test", synthetic_data_dir, tmp_path / "cache")
+    response = httpx.get(f"{url}/datasets/mnist/images/test/{index}", timeout=60)
+    image = png(response)
+    assert image.mode == "L" and image.size == (28, 28)
+    assert np.array_equal(np.asarray(image), mnist.images[index, 0].numpy())
+    assert response.headers["x-class"] == mnist.classes[int(mnist.labels[index])]
+    if job_mistake:
+        assert response.headers["x-class"] == job_mistake[0]["true"]
+    bees = load_split("hymenoptera_resnet18", "val", synthetic_data_dir, tmp_path / "cache")
+    image = png(httpx.get(f"{url}/datasets/hymenoptera/images/val/15", timeout=60))  # decoded from source
+    assert image.mode == "RGB" and image.size == (224, 224)
+    assert np.array_equal(np.asarray(image), bees.images[15].permute(1, 2, 0).numpy())
+    assert httpx.get(f"{url}/datasets/hymenoptera/images/val/16").status_code == 404
+    assert httpx.get(f"{url}/datasets/hymenoptera/images/test/0").status_code == 404
+    assert httpx.get(f"{url}/datasets/mnist/images/test/-1").status_code == 422
+
+
+def test_dataset_files_missing_is_a_clear_409(make_stack, tmp_path):
+    stack = make_stack(data_dir=tmp_path / "nothing")
+    with api_client(stack) as client:
+        response = client.get("/datasets/cifar10/samples.png")
+        assert response.status_code == 409
+        assert "not available" in response.json()["detail"] and "CIFAR-10" in response.json()["detail"]
+        assert client.get("/datasets/mnist/images/train/0").status_code == 409

@@ -10,10 +10,12 @@ from sse_starlette import EventSourceResponse
 
 from app.api.deps import CeleryDep, JobStoreDep
 from app.events import EVENT_ID_PATTERN, job_events
+from app.figures import PNG, curves_png, run_bounded
 from app.schemas import JOB_CREATE_EXAMPLES, JobCreate, JobPublic, JobsPublic, error_responses
 from core.hyperparams import TaskName
 from core.jobs import IdempotencyConflict, JobStatus, request_hash
 from core.queue import enqueue_training
+from models_store.presets import PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -191,3 +193,22 @@ async def job_events_stream(
         send_timeout=EVENTS_SEND_TIMEOUT_S,
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
+
+
+@router.get(
+    "/{job_id}/curves.png",
+    response_class=Response,
+    summary="Training curves of a job (PNG)",
+    responses=PNG | error_responses(_404="No such job.", _503="Redis is unreachable."),
+)
+async def job_curves(job_id: JobId, jobs: JobStoreDep) -> Response:
+    """Two panels, 1200 x 450 pixels: training loss per epoch, and train and test (val for
+    hymenoptera) accuracy per epoch. Drawn from the job's metrics, so it works while the job runs
+    (epochs finished so far)."""
+    record = await run_bounded(jobs.get, job_id)
+    if record is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id {job_id}")
+    metrics = [m.model_dump() for m in record.metrics]
+    title = f"{record.task} job {job_id[:8]} ({record.status})"
+    data = await run_bounded(curves_png, metrics, PRESETS[record.task].eval_split, title)
+    return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})

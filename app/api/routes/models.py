@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from pydantic import ValidationError
 
 from app.api.deps import CheckpointsDep
+from app.figures import PNG, confusion_png, run_bounded
 from app.schemas import EvaluationPublic, ModelPublic, ModelsPublic, error_responses
 from core.hyperparams import TaskName
 from models_store.checkpoint import CheckpointInfo
@@ -73,3 +74,21 @@ def list_models(
 )
 def get_model(model_id: ModelId, checkpoints: CheckpointsDep) -> ModelPublic:
     return model_public(checkpoints.get(model_id))
+
+
+@router.get(
+    "/{model_id}/confusion.png",
+    response_class=Response,
+    summary="Confusion matrix of a checkpoint on its evaluation split (PNG)",
+    responses=PNG
+    | error_responses(_404="No such model, or it has no stored evaluation.", _422="Not a valid model id."),
+)
+async def model_confusion(model_id: ModelId, checkpoints: CheckpointsDep) -> Response:
+    """Rows = true class, columns = predicted, counts in the cells; 800 x 700 pixels."""
+    model = model_public(await run_bounded(checkpoints.get, model_id))
+    if model.evaluation is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {model_id} has no stored evaluation")
+    evaluation = model.evaluation
+    title = f"{model_id}: {evaluation.split} accuracy {evaluation.accuracy:.2%}"
+    data = await run_bounded(confusion_png, evaluation.confusion_matrix, evaluation.classes, title)
+    return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=60"})
