@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from datetime import datetime
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import ApiProcess, Stack, WorkerProcess, api_client, wait_for
+from tests.conftest import REPO, ApiProcess, Stack, WorkerProcess, api_client, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -266,3 +271,95 @@ def test_dataset_files_missing_is_a_clear_409(make_stack, tmp_path):
         assert response.status_code == 409
         assert "not available" in response.json()["detail"] and "CIFAR-10" in response.json()["detail"]
         assert client.get("/datasets/mnist/images/train/0").status_code == 409
+
+
+def scrape(url: str, headers: dict | None = None) -> dict[tuple[str, tuple], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{url}/metrics", headers=headers or {}, timeout=30)
+    assert response.status_code == 200, response.text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+
+
+def test_metrics_cover_jobs(trained):
+    url, _ = trained
+    jobs = httpx.get(f"{url}/jobs", params={"limit": 200}).json()["data"]
+    metrics = scrape(url)
+    assert metrics[("imgclf_job_metrics_up", ())] == 1
+    assert metrics[("imgclf_workers", ())] == 1
+    by_status: dict[tuple, int] = {}
+    for j in jobs:
+        by_status[(j["task"], j["status"])] = by_status.get((j["task"], j["status"]), 0) + 1
+    for (task, status), count in by_status.items():
+        assert metrics[("imgclf_jobs", (("status", status), ("task", task)))] == count
+    assert metrics[("imgclf_queue_depth", ())] == sum(1 for j in jobs if j["status"] == "queued")
+    finished = [j for j in jobs if j["status"] == "succeeded" and j["task"] == "mnist_lenet5"]
+    key = (("status", "succeeded"), ("task", "mnist_lenet5"))
+    assert metrics[("imgclf_job_duration_seconds_count", key)] == len(finished)
+    total = sum(
+        (datetime.fromisoformat(j["finished_at"]) - datetime.fromisoformat(j["started_at"])).total_seconds()
+        for j in finished
+    )
+    assert metrics[("imgclf_job_duration_seconds_sum", key)] == pytest.approx(total, abs=1e-3)
+    epochs = [m for j in jobs if j["task"] == "mnist_lenet5" for m in j["metrics"]]
+    epoch_key = (("task", "mnist_lenet5"),)
+    assert metrics[("imgclf_epoch_duration_seconds_count", epoch_key)] == len(epochs)
+    assert metrics[("imgclf_epoch_duration_seconds_sum", epoch_key)] == pytest.approx(
+        sum(m["duration_s"] for m in epochs)
+    )
+    assert metrics[("imgclf_epoch_duration_seconds_bucket", (("le", "+Inf"), *epoch_key))] == len(epochs)
+    # a training job's throughput shows while it trains
+    running = submit(url, "mnist_lenet5", epochs=200)
+
+    def training_speed():
+        value = scrape(url).get(("imgclf_training_images_per_second", (("task", "mnist_lenet5"),)), 0)
+        return value if value > 0 else None
+
+    assert wait_for(training_speed, timeout=120, interval=0.3, what="training throughput in /metrics") > 0
+    assert httpx.post(f"{url}/jobs/{running['id']}/cancel").status_code == 202
+    wait_for(lambda: httpx.get(f"{url}/jobs/{running['id']}").json()["status"] == "cancelled", timeout=60)
+
+
+def test_http_metrics_add_up_over_several_api_processes(make_stack, tmp_path):
+    stack = make_stack()
+    multiproc = tmp_path / "prometheus"
+    multiproc.mkdir()
+    port = free_port()
+    env = {**os.environ, **stack.env, "PROMETHEUS_MULTIPROC_DIR": str(multiproc)}
+    command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port)]
+    with open(tmp_path / "api.log", "ab") as log:
+        process = subprocess.Popen(
+            [*command, "--workers", "2"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(url), timeout=90, what="the API with 2 worker processes")
+        for _ in range(20):  # new connections: spread over both processes
+            assert httpx.get(f"{url}/jobs/{'e' * 32}").status_code == 404
+        key = (
+            "imgclf_http_requests_total",
+            (("method", "GET"), ("route", "/jobs/{job_id}"), ("status", "404")),
+        )
+        for _ in range(6):  # whichever process answers the scrape, it counts all of them
+            assert scrape(url)[key] == 20
+        assert len(list(multiproc.glob("*.db"))) >= 2  # both processes wrote their values
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
