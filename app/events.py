@@ -75,29 +75,35 @@ async def job_events(
 async def _job_events(
     client: aioredis.Redis, job_key: str, stream_key: str, cursor: str
 ) -> AsyncIterator[ServerSentEvent]:
+    # First what the stream holds (XRANGE, a page at a time: a page is read only once the client
+    # has taken the previous one), then live (XREAD BLOCK). The job record is read only when
+    # there is nothing new, to tell a job that ended (or was deleted) from one that is quiet.
+    live = False
     while True:
-        # A page of what is already there; only when it is exhausted do we wait for more.
-        entries = await client.xrange(stream_key, min=f"({cursor}", max="+", count=PAGE)
-        if not entries:
-            status = await client.hget(job_key, "status")
-            if status is None:
-                return  # the job was deleted
-            if status in TERMINAL_STATUSES:
-                if await client.exists(stream_key):
-                    entries = await client.xrange(stream_key, min=f"({cursor}", max="+", count=PAGE)
-                    if not entries:
-                        return
-                else:  # a job older than event streams: its final status only
-                    if cursor == "0-0":
-                        error, model_id = await client.hmget(job_key, "error", "model_id")
-                        data = {"status": status, "error": error or None, "model_id": model_id or None}
-                        yield ServerSentEvent(data=json.dumps(data), event="status", id="0-1")
-                    return
-            else:
-                reply = await client.xread({stream_key: cursor}, count=PAGE, block=BLOCK_MS)
-                entries = reply[0][1] if reply else []
+        if live:
+            reply = await client.xread({stream_key: cursor}, count=PAGE, block=BLOCK_MS)
+            entries = reply[0][1] if reply else []
+        else:
+            entries = await client.xrange(stream_key, min=f"({cursor}", max="+", count=PAGE)
         for entry_id, fields in entries:
             cursor = entry_id
             yield _event(entry_id, fields)
             if _is_final(fields):
                 return
+        if entries and (live or len(entries) == PAGE):
+            continue
+        status = await client.hget(job_key, "status")
+        if status is None:
+            return  # the job was deleted
+        if status not in TERMINAL_STATUSES:
+            live = True
+            continue
+        # It ended: send what is left after the cursor (its final status is among it), then stop.
+        if await client.xrange(stream_key, min=f"({cursor}", max="+", count=1):
+            live = False
+            continue
+        if cursor == "0-0" and not await client.exists(stream_key):  # a job older than event streams
+            error, model_id = await client.hmget(job_key, "error", "model_id")
+            data = {"status": status, "error": error or None, "model_id": model_id or None}
+            yield ServerSentEvent(data=json.dumps(data), event="status", id="0-1")
+        return
