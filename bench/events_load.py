@@ -93,9 +93,15 @@ def read_streams(url: str, n: int, out: mp.Queue, stop: mp.Event) -> None:
 
 
 def phase(stack: Stack, model_id: str, images: list[bytes], args: argparse.Namespace) -> dict:
+    api = psutil.Process(stack.api.pid)
     before = server_buckets(stack.url)
+    cpu_before = sum(api.cpu_times()[:2])
     result = asyncio.run(predict_load(stack.url, model_id, images, args.duration, args.concurrency))
+    result["api_cpu_s_per_s"] = round((sum(api.cpu_times()[:2]) - cpu_before) / args.duration, 3)
     result.update(server_percentiles(before, server_buckets(stack.url)))
+    result["api_cpu_ms_per_request"] = round(
+        1000 * result["api_cpu_s_per_s"] * args.duration / max(result["requests"], 1), 3
+    )
     return result
 
 
@@ -136,7 +142,17 @@ def main() -> int:
         return round(sum(values) / len(values), 2)
 
     summary = {
-        name: {key: mean(key, name) for key in ("p50_ms", "p99_ms", "mean_ms", "requests_per_s")}
+        name: {
+            key: mean(key, name)
+            for key in (
+                "p50_ms",
+                "p99_ms",
+                "mean_ms",
+                "requests_per_s",
+                "api_cpu_s_per_s",
+                "api_cpu_ms_per_request",
+            )
+        }
         for name in ("without_streams", "with_streams")
     }
     slowdown = {
@@ -161,7 +177,8 @@ def main() -> int:
         s = summary[name]
         print(
             f"{name:16s}: p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, mean {s['mean_ms']} ms, "
-            f"{s['requests_per_s']}/s"
+            f"{s['requests_per_s']}/s; API CPU {s['api_cpu_s_per_s']} s/s, "
+            f"{s['api_cpu_ms_per_request']} ms/request"
         )
     print(
         f"slowdown with {args.streams} streams: p50 {slowdown['p50_ms']:+.1%}, "

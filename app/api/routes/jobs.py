@@ -185,7 +185,11 @@ async def job_events_stream(
     if not await client.exists(store.job_key(job_id)):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id {job_id}")
     events = job_events(
-        client, store.job_key(job_id), store.events_key(job_id), last_event_id and last_event_id.strip()
+        client,
+        request.app.state.event_hub,
+        store.job_key(job_id),
+        store.events_key(job_id),
+        last_event_id and last_event_id.strip(),
     )
     return EventSourceResponse(
         events,
