@@ -14,9 +14,6 @@ import torch
 
 MISTAKES_KEPT = 25
 
-# Dataset name of each task: the name of /datasets/{name}/... routes.
-TASK_DATASETS = {"mnist_lenet5": "mnist", "cifar10_dense": "cifar10", "hymenoptera_resnet18": "hymenoptera"}
-
 
 class _Normalizer(Protocol):
     def normalize(self, batch: torch.Tensor) -> torch.Tensor: ...

@@ -94,9 +94,11 @@ def test_events_resume_with_last_event_id_equals_one_read(
     job = submit(api.url, "mnist_lenet5", epochs=6)
     events_url = f"{api.url}/jobs/{job['id']}/events"
 
-    whole: dict[str, list] = {}
-    reader = threading.Thread(target=lambda: whole.setdefault("events", read_events(events_url)[0]))
-    reader.start()
+    # Several clients read it in one go at once: they share the API's live reader of the job.
+    wholes: list[list] = []
+    readers = [threading.Thread(target=lambda: wholes.append(read_events(events_url)[0])) for _ in range(4)]
+    for reader in readers:
+        reader.start()
 
     # A second client leaves after the first epoch, stays away while the next epoch ends, resumes.
     first, closed = read_events(events_url, stop=lambda ev: ev[-1][1] == "epoch")
@@ -109,11 +111,12 @@ def test_events_resume_with_last_event_id_equals_one_read(
     )
     rest, closed = read_events(events_url, last_event_id=first[-1][0])
     assert closed
-    reader.join(180)
-    assert not reader.is_alive()
+    for reader in readers:
+        reader.join(180)
+        assert not reader.is_alive()
     resumed = first + rest
 
-    assert resumed == whole["events"]
+    assert len(wholes) == 4 and all(whole == resumed for whole in wholes)
     ids = [event_id for event_id, _, _ in resumed]
     assert len(set(ids)) == len(ids) and ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
 

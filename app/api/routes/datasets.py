@@ -11,24 +11,32 @@ from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from app.api.deps import SettingsDep
 from app.figures import PNG, image_png, run_bounded, samples_png
 from app.schemas import error_responses
-from models_store.presets import PRESETS
+from tasks import get_task, list_tasks
 from worker.data import DatasetCorrupt, DatasetNotFound, SplitItems, read_items
-from worker.evaluation import TASK_DATASETS
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
-DATASET_TASKS = {name: task for task, name in TASK_DATASETS.items()}
+
+def dataset_tasks() -> dict[str, str]:
+    """Dataset name -> the (first) task that trains on it, whose preset and loader serve it."""
+    found: dict[str, str] = {}
+    for task in list_tasks():
+        found.setdefault(get_task(task).dataset, task)
+    return found
+
+
 DatasetName = Annotated[str, Path(max_length=64, description="Dataset: mnist, cifar10 or hymenoptera.")]
 
 
 def task_of(name: str, split: str | None = None) -> str:
     """The task whose preset and loader serve dataset ``name``; 404 for an unknown dataset or split."""
-    task = DATASET_TASKS.get(name)
+    known = dataset_tasks()
+    task = known.get(name)
     if task is None:
         raise HTTPException(
-            status.HTTP_404_NOT_FOUND, f"no dataset {name!r}; known: {', '.join(sorted(DATASET_TASKS))}"
+            status.HTTP_404_NOT_FOUND, f"no dataset {name!r}; known: {', '.join(sorted(known))}"
         )
-    splits = ("train", PRESETS[task].eval_split)
+    splits = ("train", get_task(task).eval_split)
     if split is not None and split not in splits:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, f"dataset {name} has no split {split!r}; it has {', '.join(splits)}"

@@ -12,10 +12,9 @@ from app.api.deps import CeleryDep, JobStoreDep
 from app.events import EVENT_ID_PATTERN, job_events
 from app.figures import PNG, curves_png, run_bounded
 from app.schemas import JOB_CREATE_EXAMPLES, JobCreate, JobPublic, JobsPublic, error_responses
-from core.hyperparams import TaskName
 from core.jobs import IdempotencyConflict, JobStatus, request_hash
 from core.queue import enqueue_training
-from models_store.presets import PRESETS
+from tasks import TaskName, get_task
 
 log = logging.getLogger(__name__)
 
@@ -214,5 +213,5 @@ async def job_curves(job_id: JobId, jobs: JobStoreDep) -> Response:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id {job_id}")
     metrics = [m.model_dump() for m in record.metrics]
     title = f"{record.task} job {job_id[:8]} ({record.status})"
-    data = await run_bounded(curves_png, metrics, PRESETS[record.task].eval_split, title)
+    data = await run_bounded(curves_png, metrics, get_task(record.task).eval_split, title)
     return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})
