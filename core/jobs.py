@@ -48,6 +48,9 @@ from tasks import TaskName
 
 log = logging.getLogger(__name__)
 
+# A job id: 32 hex digits (uuid4().hex). A JSON-Schema / Rust-regex pattern, where $ is the end of
+# the text; Python code matches ids with fullmatch (Python's $ also matches before a final newline).
+JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 IDEMPOTENCY_TTL_S = 24 * 3600
 PROGRESS_EVENTS_KEPT = 1000  # ~4 min of progress at 4 events/s
 EVENT_STREAM_MAXLEN = 20_000  # a safety cap; status + epoch events of any job fit well below it
@@ -471,8 +474,11 @@ class JobStore:
     def running_key(self) -> str:
         return f"{self.prefix}:jobs:running"
 
-    def _idem_key(self, key: str) -> str:
-        return f"{self.prefix}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
+    def _idem_key(self, key: str, owner: str = "") -> str:
+        """Redis key of an Idempotency-Key, scoped to its ``owner`` (a hash of the API key, "" with
+        auth off), so that one client can never replay another's job by reusing its key."""
+        scoped = f"{owner}:{key}" if owner else key  # auth off: one owner, the keys as before
+        return f"{self.prefix}:idem:{hashlib.sha256(scoped.encode()).hexdigest()}"
 
     # API side
     def ping(self) -> bool:
@@ -484,11 +490,13 @@ class JobStore:
         hyperparameters: dict,
         idempotency_key: str | None = None,
         body_hash: str = "",
+        owner: str = "",
     ) -> tuple[JobRecord, bool]:
         """Store a new queued job; returns (record, created).
 
-        With ``idempotency_key``, a second call with the same key returns the first job and
-        ``created=False``. Raises ``IdempotencyConflict`` if the key was used with another body.
+        With ``idempotency_key``, a second call with the same key (and ``owner``, the caller's
+        API-key hash) returns the first job and ``created=False``; the same key of another owner is
+        another key. Raises ``IdempotencyConflict`` if the key was used with another body.
         """
         job_id = uuid.uuid4().hex
         now = datetime.now(UTC)
@@ -511,7 +519,7 @@ class JobStore:
             status_event(JobStatus.queued),
             *[item for pair in fields.items() for item in pair],
         ]
-        idem_key = self._idem_key(idempotency_key or "-")
+        idem_key = self._idem_key(idempotency_key or "-", owner)
         keys = [
             self.job_key(job_id),
             self.index_key,
@@ -528,16 +536,16 @@ class JobStore:
         record = self.get(existing_id)
         if record is None:  # the first request's job was rolled back; start afresh
             self.redis.delete(idem_key)
-            return self.create(task, hyperparameters, idempotency_key, body_hash)
+            return self.create(task, hyperparameters, idempotency_key, body_hash, owner)
         return record, False
 
-    def delete(self, job_id: str, idempotency_key: str | None = None) -> None:
-        """Remove a job that could not be enqueued (and its Idempotency-Key)."""
+    def delete(self, job_id: str, idempotency_key: str | None = None, owner: str = "") -> None:
+        """Remove a job that could not be enqueued (and its Idempotency-Key of ``owner``)."""
         pipe = self.redis.pipeline()
         pipe.delete(self.job_key(job_id), *self._event_keys(job_id))
         pipe.zrem(self.index_key, job_id)
         if idempotency_key:
-            pipe.delete(self._idem_key(idempotency_key))
+            pipe.delete(self._idem_key(idempotency_key, owner))
         pipe.execute()
 
     def get(self, job_id: str) -> JobRecord | None:
