@@ -85,7 +85,8 @@ def get_model(model_id: ModelId, checkpoints: CheckpointsDep) -> ModelPublic:
     response_class=Response,
     summary="Confusion matrix of a checkpoint on its evaluation split (PNG)",
     responses=PNG
-    | error_responses(_404="No such model, or it has no stored evaluation.", _422="Not a valid model id."),
+    | error_responses(_404="No such model, or it has no stored evaluation.")
+    | {422: {"description": "Not a valid model id."}},
 )
 async def model_confusion(model_id: ModelId, checkpoints: CheckpointsDep) -> Response:
     """Rows = true class, columns = predicted, counts in the cells; 800 x 700 pixels."""
