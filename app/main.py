@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = ModelRegistry(checkpoints, settings.model_cache_size)
         app.state.celery = make_celery(settings)
         app.state.inference_slots = anyio.Semaphore(settings.inference_concurrency)
+        app.state.heavy_decode_lane = anyio.Semaphore(1)  # uploads over HEAVY_DECODE_COST
         app.state.redis_async = async_redis_client(settings.redis_url, settings.redis_timeout_s)
         app.state.event_hub = EventHub(app.state.redis_async)
         app.state.jobs_registry = jobs_registry(app.state.jobs)
