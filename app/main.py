@@ -14,7 +14,9 @@ from fastapi_offline import FastAPIOffline
 from app.api.main import api_router
 from app.api.routes.ui import is_ui_path, mount_ui
 from app.errors import install_error_handlers, redact_url
+from app.events import EventHub, async_redis_client
 from app.inference import ModelRegistry
+from app.job_metrics import jobs_registry
 from app.limits import BodySizeLimitMiddleware
 from app.metrics import MetricsMiddleware
 from app.openapi import install_openapi
@@ -81,9 +83,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.celery = make_celery(settings)
         app.state.inference_slots = anyio.Semaphore(settings.inference_concurrency)
         app.state.heavy_decode_lane = anyio.Semaphore(1)  # uploads over HEAVY_DECODE_COST
+        app.state.redis_async = async_redis_client(settings.redis_url, settings.redis_timeout_s)
+        app.state.event_hub = EventHub(app.state.redis_async)
+        app.state.jobs_registry = jobs_registry(app.state.jobs)
         log.info("API ready: Redis %s, models in %s", redact_url(settings.redis_url), settings.models_dir)
         yield
         client.close()
+        await app.state.redis_async.aclose()
 
     # Swagger UI 5 and ReDoc served from the package (no CDN), so /docs works offline.
     app = FastAPIOffline(

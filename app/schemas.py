@@ -57,6 +57,55 @@ class JobsPublic(BaseModel):
     count: int = Field(description="Jobs matching the filters, over all pages.", examples=[42])
 
 
+class ClassScores(BaseModel):
+    """Precision, recall and F1 of one class on the evaluation split."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    class_: str = Field(alias="class", description="Class name.", examples=["cat"])
+    precision: float = Field(
+        description="Right among those predicted as this class (0 if none).", examples=[0.41]
+    )
+    recall: float = Field(description="Right among the images of this class.", examples=[0.37])
+    f1: float = Field(description="Harmonic mean of precision and recall.", examples=[0.39])
+    support: int = Field(description="Images of this class in the split.", examples=[1000])
+
+
+class Mistake(BaseModel):
+    """One misclassified image of the evaluation split."""
+
+    split: str = Field(description="Split of the image.", examples=["test"])
+    index: int = Field(
+        description="Index of the image in its split (as in GET /datasets/{name}/images/{split}/{index}).",
+        examples=[4411],
+    )
+    true: str = Field(description="Its class.", examples=["cat"])
+    predicted: str = Field(description="The class the model gave it.", examples=["dog"])
+    probability: float = Field(
+        description="The model's probability for the predicted class.", examples=[0.97]
+    )
+
+
+class EvaluationPublic(BaseModel):
+    """The final model on the task's evaluation split (test, or val for hymenoptera), computed when
+    the job succeeded and stored with the checkpoint."""
+
+    split: str = Field(description="test or val.", examples=["test"])
+    dataset: str = Field(description="Dataset name (mnist, cifar10, hymenoptera).", examples=["cifar10"])
+    classes: list[str] = Field(description="Class names, index order.", examples=[["ants", "bees"]])
+    accuracy: float = Field(
+        description="Fraction right: the job's final test (val) accuracy.", examples=[0.43]
+    )
+    confusion_matrix: list[list[int]] = Field(
+        description="Counts, rows = true class, columns = predicted class (classes order).",
+        examples=[[[70, 13], [20, 50]]],
+    )
+    per_class: list[ClassScores] = Field(description="Scores of each class, classes order.")
+    mistakes: list[Mistake] = Field(
+        description="The 25 most confident mistakes, most confident first (ties: lower index first)."
+    )
+
+
 class ModelPublic(BaseModel):
     """A checkpoint in the store."""
 
@@ -102,6 +151,13 @@ class ModelPublic(BaseModel):
     )
     aliases: list[str] = Field(
         default_factory=list, description="Aliases it carries (e.g. production).", examples=[["production"]]
+    )
+    evaluation: EvaluationPublic | None = Field(
+        None,
+        description=(
+            "Confusion matrix, per-class precision/recall/F1 and the most confident mistakes of the final "
+            "model on the evaluation split (null for checkpoints written before evaluations were stored)."
+        ),
     )
 
 

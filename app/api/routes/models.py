@@ -6,9 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from fastapi.responses import FileResponse
+from pydantic import ValidationError
 
 from app.api.deps import AliasesDep, CheckpointsDep, ExportsDep, RegistryDep
-from app.schemas import AliasPublic, ModelPublic, ModelsPublic, error_responses
+from app.figures import PNG, confusion_png, run_bounded
+from app.schemas import AliasPublic, EvaluationPublic, ModelPublic, ModelsPublic, error_responses
 from models_store.aliases import ALIAS_PATTERN, model_name, validate_alias
 from models_store.checkpoint import (
     MODEL_ID_PATTERN,
@@ -54,7 +56,19 @@ def model_public(info: CheckpointInfo, aliases: list[str] | None = None) -> Mode
         sha256=(meta.get("weights") or {}).get("sha256"),
         name=model_name(meta),
         aliases=aliases or [],
+        evaluation=_evaluation(meta.get("evaluation")),
     )
+
+
+def _evaluation(value: object) -> EvaluationPublic | None:
+    """The stored evaluation, or None when there is none or it does not have the expected shape
+    (metadata.json edited by hand)."""
+    if value is None:
+        return None
+    try:
+        return EvaluationPublic.model_validate(value)
+    except ValidationError:
+        return None
 
 
 @router.get("", response_model=ModelsPublic, summary="List checkpoints, newest first")
@@ -217,3 +231,22 @@ def export_model(
     path = exports.get_or_build(model_id, sha256, format, build)
     suffix = "onnx" if format == "onnx" else "zip"
     return FileResponse(path, media_type=MEDIA_TYPES[format], filename=f"{model_id}.{suffix}")
+
+
+@router.get(
+    "/{model_id}/confusion.png",
+    response_class=Response,
+    summary="Confusion matrix of a checkpoint on its evaluation split (PNG)",
+    responses=PNG
+    | error_responses(_404="No such model, or it has no stored evaluation.")
+    | {422: {"description": "Not a valid model id."}},
+)
+async def model_confusion(model_id: ModelId, checkpoints: CheckpointsDep) -> Response:
+    """Rows = true class, columns = predicted, counts in the cells; 800 x 700 pixels."""
+    model = model_public(await run_bounded(checkpoints.get, model_id))
+    if model.evaluation is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {model_id} has no stored evaluation")
+    evaluation = model.evaluation
+    title = f"{model_id}: {evaluation.split} accuracy {evaluation.accuracy:.2%}"
+    data = await run_bounded(confusion_png, evaluation.confusion_matrix, evaluation.classes, title)
+    return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=60"})
