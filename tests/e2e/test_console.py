@@ -6,7 +6,8 @@ are saved in the test's tmp dir.
 * test_console_trains_and_predicts_on_real_mnist: the job form refuses epochs=0 with the API's 422
   next to the field, submits a short LeNet-5 job on real MNIST, the curves gain points while it
   trains, the job list shows it succeeded, the model page shows its evaluation (confusion matrix,
-  per-class scores, the mistakes with their images), and a real MNIST test digit dropped on the predict page is read right.
+  per-class scores, the mistakes with their images), and a real MNIST test digit dropped on the
+  predict page is read right.
 * test_console_with_api_keys: the pages load without a key, the console asks for one, and then
   lists jobs and follows a job's event stream with `Authorization: Bearer` (never the key in a URL).
 """
