@@ -26,6 +26,7 @@ apart from regular files, and ``Member.ratio`` is the declared compression ratio
 from __future__ import annotations
 
 import gzip
+import itertools
 import stat
 import tarfile
 import zipfile
@@ -189,7 +190,7 @@ class SafeArchive:
         spans = sorted(
             (i.header_offset, i.header_offset + ZIP_LOCAL_HEADER + i.compress_size, i) for i in infos
         )
-        for (start, end, info), (next_start, _, next_info) in zip(spans, spans[1:], strict=False):
+        for (_, end, info), (next_start, _, next_info) in itertools.pairwise(spans):
             if next_start < end:
                 raise ArchiveRefused(
                     f"zip entries {info.filename!r} and {next_info.filename!r} overlap "

@@ -211,9 +211,8 @@ def plan_layout(members: list[Member], max_ratio: float, max_file_bytes: int) ->
     files: list[Member] = []
     for member in members:
         parts = member.name.split("/")
-        if member.kind == "dir" or not member.name:
-            ignored += 1
-        elif any(p == "__MACOSX" or p.startswith(".") for p in parts) or parts[-1].lower() in IGNORED_NAMES:
+        junk = any(p == "__MACOSX" or p.startswith(".") for p in parts) or parts[-1].lower() in IGNORED_NAMES
+        if member.kind == "dir" or not member.name or junk:
             ignored += 1
         elif member.kind != "file":
             skipped.append((member.name, f"{member.kind} entry: not followed"))
