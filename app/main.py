@@ -17,6 +17,7 @@ from app.inference import ModelRegistry
 from app.limits import BodySizeLimitMiddleware
 from app.metrics import MetricsMiddleware
 from core.config import Settings, get_settings
+from core.datasets import DatasetStore
 from core.jobs import JobStore, redis_client
 from core.queue import make_celery
 from models_store.checkpoint import CheckpointStore
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         checkpoints = CheckpointStore(settings.models_dir)
         app.state.settings = settings
         app.state.jobs = JobStore(client, settings.redis_prefix)
+        app.state.datasets = DatasetStore(client, settings.redis_prefix)
         app.state.checkpoints = checkpoints
         app.state.registry = ModelRegistry(checkpoints, settings.model_cache_size)
         app.state.celery = make_celery(settings)
@@ -79,9 +81,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         f"MAX_UPLOAD_BYTES={settings.max_upload_bytes} for the file, plus {MULTIPART_OVERHEAD} for the form",
     )
     json_limit = (JSON_BODY_LIMIT, "the limit of a JSON request")
+    dataset_limit = (
+        settings.max_dataset_bytes + MULTIPART_OVERHEAD,
+        f"MAX_DATASET_BYTES={settings.max_dataset_bytes} for the archive, plus {MULTIPART_OVERHEAD} more",
+    )
     app.add_middleware(
         BodySizeLimitMiddleware,
-        limit_for=lambda path: upload_limit if path == "/predict" else json_limit,
+        limit_for=lambda path: (
+            upload_limit if path == "/predict" else dataset_limit if path == "/datasets" else json_limit
+        ),
     )
     if settings.cors_origins:
         app.add_middleware(

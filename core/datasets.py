@@ -40,6 +40,28 @@ BUILTIN_DATASETS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+def sniff_archive(head: bytes) -> str | None:
+    """``zip``, ``tar`` or ``tar.gz`` from an archive's first 512 bytes; None for anything else."""
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip"
+    if head[:2] == b"\x1f\x8b":
+        return "tar.gz"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    if len(head) >= 512 and _is_v7_tar_header(head[:512]):
+        return "tar"
+    return None
+
+
+def _is_v7_tar_header(block: bytes) -> bool:
+    """A pre-POSIX tar header: its checksum field matches the block (the field counted as spaces)."""
+    try:
+        checksum = int(block[148:156].split(b"\x00")[0].strip() or b"-1", 8)
+    except ValueError:
+        return False
+    return checksum == sum(block[:148]) + 8 * 32 + sum(block[156:])
+
+
 class DatasetStatus(StrEnum):
     """ingesting -> ready | failed."""
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from core.datasets import sniff_archive
+
 READ_CHUNK = 1 << 20
 MAX_TAR_HEADER_BYTES = 1 << 20
 ZIP_LOCAL_HEADER = 30
@@ -104,24 +106,10 @@ def safe_name(raw: str) -> str:
 def detect_format(path: Path) -> str:
     """``zip``, ``tar`` or ``tar.gz`` from the file's first bytes; raises ``ArchiveRefused``."""
     with open(path, "rb") as f:
-        head = f.read(512)
-    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-        return "zip"
-    if head[:2] == b"\x1f\x8b":
-        return "tar.gz"
-    if len(head) >= 262 and head[257:262] == b"ustar":
-        return "tar"
-    if len(head) == 512 and _is_v7_tar_header(head):
-        return "tar"
-    raise ArchiveRefused("not a zip, tar or tar.gz archive (unrecognised content)")
-
-
-def _is_v7_tar_header(block: bytes) -> bool:
-    try:
-        checksum = int(block[148:156].split(b"\x00")[0].strip() or b"-1", 8)
-    except ValueError:
-        return False
-    return checksum == sum(block[:148]) + 8 * 32 + sum(block[156:])
+        found = sniff_archive(f.read(512))
+    if found is None:
+        raise ArchiveRefused("not a zip, tar or tar.gz archive (unrecognised content)")
+    return found
 
 
 class SafeArchive:
@@ -188,7 +176,8 @@ class SafeArchive:
         (and before the central directory). Overlapping entries are a zip bomb (one compressed
         stream referenced by many entries)."""
         spans = sorted(
-            (i.header_offset, i.header_offset + ZIP_LOCAL_HEADER + i.compress_size, i) for i in infos
+            ((i.header_offset, i.header_offset + ZIP_LOCAL_HEADER + i.compress_size, i) for i in infos),
+            key=lambda span: span[:2],
         )
         for (_, end, info), (next_start, _, next_info) in itertools.pairwise(spans):
             if next_start < end:

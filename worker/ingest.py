@@ -215,7 +215,7 @@ def plan_layout(members: list[Member], max_ratio: float, max_file_bytes: int) ->
         if member.kind == "dir" or not member.name or junk:
             ignored += 1
         elif member.kind != "file":
-            skipped.append((member.name, f"{member.kind} entry: not followed"))
+            skipped.append((member.name, f"{member.kind} entry: only regular files are read"))
         else:
             files.append(member)
     prefix = _enclosing_folder([m.name for m in files])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.routes import health, jobs, models, predict
+from app.api.routes import datasets, health, jobs, models, predict
 from app.schemas import error_responses
 from app.security import require_api_key
 
@@ -19,6 +19,7 @@ protected = APIRouter(
 protected.include_router(jobs.router)
 protected.include_router(models.router)
 protected.include_router(predict.router)
+protected.include_router(datasets.router)
 
 
 @protected.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
