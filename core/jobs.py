@@ -165,6 +165,11 @@ class JobRecord(BaseModel):
         examples=[None],
     )
     error: str | None = Field(None, description="Why it failed.", examples=[None])
+    dataset: str | None = Field(
+        None,
+        description="Uploaded dataset it trains on (custom_resnet18; see /datasets).",
+        examples=[None],
+    )
     model_id: str | None = Field(
         None,
         description="Checkpoint it produced (see /models).",
@@ -364,8 +369,10 @@ class JobStore:
         hyperparameters: dict,
         idempotency_key: str | None = None,
         body_hash: str = "",
+        dataset: str | None = None,
     ) -> tuple[JobRecord, bool]:
-        """Store a new queued job; returns (record, created).
+        """Store a new queued job; returns (record, created). ``dataset``: the uploaded dataset
+        it trains on, if any.
 
         With ``idempotency_key``, a second call with the same key returns the first job and
         ``created=False``. Raises ``IdempotencyConflict`` if the key was used with another body.
@@ -382,6 +389,7 @@ class JobStore:
             "progress": json.dumps({"epochs": hyperparameters.get("epochs", 0)}),
             "metrics": "[]",
             "timings": "{}",
+            "dataset": dataset or "",
         }
         argv = [
             job_id,
@@ -401,7 +409,7 @@ class JobStore:
         record = self.get(existing_id)
         if record is None:  # the first request's job was rolled back; start afresh
             self.redis.delete(idem_key)
-            return self.create(task, hyperparameters, idempotency_key, body_hash)
+            return self.create(task, hyperparameters, idempotency_key, body_hash, dataset)
         return record, False
 
     def delete(self, job_id: str, idempotency_key: str | None = None) -> None:
