@@ -287,7 +287,7 @@ def _decode_all(
     pending: deque[tuple[_Candidate, Future]] = deque()
     done = 0
     with (
-        _ImageFileWriter(tmp, (preset.channels, *preset.input_size)) as writer,
+        _ImageFileWriter(tmp, (preset.channels, *preset.input_size), _classes(plan)) as writer,
         ThreadPoolExecutor(workers) as pool,
     ):
 
@@ -342,7 +342,7 @@ def _assemble(plan: _Plan, kept: list[tuple[_Candidate, str]], skipped: list[tup
 
     Raises ``IngestFailed`` when a class has no usable image in train or val.
     """
-    classes = sorted({c.cls for c in plan.candidates.values()})
+    classes = _classes(plan)
     index = {cls: i for i, cls in enumerate(classes)}
     labels = [index[c.cls] for c, _ in kept]
     splits: list[str] = [c.split or "" for c, _ in kept]
@@ -402,6 +402,11 @@ def _assemble(plan: _Plan, kept: list[tuple[_Candidate, str]], skipped: list[tup
     }
 
 
+def _classes(plan: _Plan) -> list[str]:
+    """The dataset's classes: the sorted class folders that hold candidate images."""
+    return sorted({c.cls for c in plan.candidates.values()})
+
+
 class _ImageFileWriter:
     """Writes a safetensors file image by image: header space reserved first, header at the end.
 
@@ -409,13 +414,14 @@ class _ImageFileWriter:
     the header (padded with spaces, as the format allows), then fsyncs.
     """
 
-    def __init__(self, path: Path, shape: tuple[int, ...]):
-        self.path, self.shape = path, tuple(shape)
+    def __init__(self, path: Path, shape: tuple[int, ...], classes: list[str]):
+        self.path, self.shape, self.classes = path, tuple(shape), classes
+        self.reserved = HEADER_RESERVED + 2 * len(json.dumps(classes).encode())
         self.count = 0
         self.row_bytes = int(np.prod(self.shape))
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "wb")  # noqa: SIM115 - closed in __exit__
-        self.file.write(b"\x00" * (8 + HEADER_RESERVED))
+        self.file.write(b"\x00" * (8 + self.reserved))
 
     def __enter__(self) -> _ImageFileWriter:
         return self
@@ -432,7 +438,7 @@ class _ImageFileWriter:
     def finish(self, extra: dict[str, np.ndarray]) -> None:
         offset = self.count * self.row_bytes
         header: dict[str, object] = {
-            "__metadata__": {"format": "imgclf-dataset-1"},
+            "__metadata__": {"format": "imgclf-dataset-1", "classes": json.dumps(self.classes)},
             "images": {"dtype": "U8", "shape": [self.count, *self.shape], "data_offsets": [0, offset]},
         }
         for name, array in extra.items():
@@ -445,10 +451,10 @@ class _ImageFileWriter:
             self.file.write(data)
             offset += len(data)
         encoded = json.dumps(header).encode()
-        if len(encoded) > HEADER_RESERVED:
+        if len(encoded) > self.reserved:
             raise ValueError("safetensors header larger than the reserved space")
         self.file.seek(0)
-        self.file.write(struct.pack("<Q", HEADER_RESERVED) + encoded.ljust(HEADER_RESERVED, b" "))
+        self.file.write(struct.pack("<Q", self.reserved) + encoded.ljust(self.reserved, b" "))
         self.file.flush()
         os.fsync(self.file.fileno())
 
@@ -456,7 +462,7 @@ class _ImageFileWriter:
 # Loading (training) ----------------------------------------------------------------------------
 
 
-def load_uploaded(datasets_dir: Path, dataset_id: str, classes: list[str]) -> dict[str, ImageDataset]:
+def load_uploaded(datasets_dir: Path, dataset_id: str) -> dict[str, ImageDataset]:
     """The train and val splits of a ready dataset, uint8 (N, 3, 224, 224) in ImageFolder order.
 
     Raises ``FileNotFoundError`` when the cache is missing, ``ValueError`` when it is unreadable.
@@ -465,6 +471,7 @@ def load_uploaded(datasets_dir: Path, dataset_id: str, classes: list[str]) -> di
     if not path.is_file():
         raise FileNotFoundError(f"dataset {dataset_id}: its cache {path} is missing (deleted?)")
     with safe_open(str(path), framework="pt") as f:
+        classes = json.loads(f.metadata()["classes"])
         images, labels = f.get_tensor("images"), f.get_tensor("labels")
         splits = {split: f.get_tensor(f"{split}_index") for split in SPLITS}
     out = {}
