@@ -6,7 +6,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.datasets import DATASET_ID_PATTERN
 from core.hyperparams import (
+    CustomResNetHyperparameters,
     DenseHyperparameters,
     LeNetHyperparameters,
     ResNetHyperparameters,
@@ -62,8 +64,34 @@ class ResNetJobCreate(_JobCreateBase):
     )
 
 
+class CustomResNetJobCreate(_JobCreateBase):
+    """Fine-tune ResNet18 (or train its new fc on frozen features) on an uploaded dataset."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "task": "custom_resnet18",
+                    "dataset": "3b0c9f1e5d2a4c6b8e7f9a1b2c3d4e5f",
+                    "hyperparameters": {"mode": "finetune", "augment": True, "weights": "none"},
+                }
+            ]
+        }
+    )
+
+    task: Literal["custom_resnet18"] = Field(description="Task to train.")
+    dataset: str = Field(
+        pattern=DATASET_ID_PATTERN,
+        description="Id of a ready dataset uploaded with POST /datasets.",
+        examples=["3b0c9f1e5d2a4c6b8e7f9a1b2c3d4e5f"],
+    )
+    hyperparameters: CustomResNetHyperparameters = Field(
+        default_factory=CustomResNetHyperparameters, description="Overrides of the task's defaults."
+    )
+
+
 JobCreate = Annotated[
-    DenseJobCreate | LeNetJobCreate | ResNetJobCreate,
+    DenseJobCreate | LeNetJobCreate | ResNetJobCreate | CustomResNetJobCreate,
     Field(discriminator="task", description="A training job: the task and optional hyperparameters."),
 ]
 

@@ -11,8 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-TaskName = Literal["cifar10_dense", "mnist_lenet5", "hymenoptera_resnet18"]
-TASK_NAMES: tuple[str, ...] = ("cifar10_dense", "mnist_lenet5", "hymenoptera_resnet18")
+TaskName = Literal["cifar10_dense", "mnist_lenet5", "hymenoptera_resnet18", "custom_resnet18"]
+TASK_NAMES: tuple[str, ...] = ("cifar10_dense", "mnist_lenet5", "hymenoptera_resnet18", "custom_resnet18")
 
 Seed = Annotated[int, Field(ge=0, le=2**31 - 1, description="Seeds weight init and shuffling.", examples=[0])]
 MaxTrainSamples = Annotated[
@@ -138,10 +138,55 @@ class ResNetHyperparameters(_Hyperparameters):
     )
 
 
+WEIGHTS_PATTERN = r"^(default|IMAGENET1K_V1|local|none|model:[a-z0-9][a-z0-9_-]{0,127})$"
+
+
+class CustomResNetHyperparameters(ResNetHyperparameters):
+    """ResNet18 transfer learning on an uploaded dataset: hymenoptera_resnet18's fields and
+    defaults, plus ``augment`` and ``weights: model:<model_id>``."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"epochs": 10, "mode": "finetune", "augment": True, "weights": "IMAGENET1K_V1"}]
+        }
+    )
+
+    weights: str = Field(
+        "default",
+        pattern=WEIGHTS_PATTERN,
+        description=(
+            "Initial backbone weights: `default` = the server's RESNET18_WEIGHTS setting, "
+            "`IMAGENET1K_V1`, `local` = RESNET18_WEIGHTS_FILE, `none` = random init, or "
+            "`model:<model_id>` = the backbone of a ResNet18 checkpoint in the store (its fc is "
+            "re-initialised unless the checkpoint has the same classes)."
+        ),
+        examples=["IMAGENET1K_V1"],
+    )
+    augment: bool = Field(
+        False,
+        description=(
+            "Fine-tuning only: RandomResizedCrop(224) and a horizontal flip of every training image "
+            "(torchvision.transforms.v2, on the training device)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _augment_needs_finetune(self) -> CustomResNetHyperparameters:
+        if self.augment and self.mode != "finetune":
+            raise ValueError("augment needs mode finetune (feature_extraction computes each feature once)")
+        return self
+
+    @property
+    def source_model(self) -> str | None:
+        """The model id of ``weights: model:<id>``, else None."""
+        return self.weights[6:] if self.weights.startswith("model:") else None
+
+
 HYPERPARAMETERS: dict[str, type[_Hyperparameters]] = {
     "cifar10_dense": DenseHyperparameters,
     "mnist_lenet5": LeNetHyperparameters,
     "hymenoptera_resnet18": ResNetHyperparameters,
+    "custom_resnet18": CustomResNetHyperparameters,
 }
 
 Hyperparameters = DenseHyperparameters | LeNetHyperparameters | ResNetHyperparameters

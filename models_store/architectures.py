@@ -101,6 +101,6 @@ def build_model(task: str, architecture: dict) -> nn.Module:
         return DenseNet(**architecture)
     if task == "mnist_lenet5":
         return LeNet5(**architecture).to(memory_format=torch.channels_last)
-    if task == "hymenoptera_resnet18":
+    if task in ("hymenoptera_resnet18", "custom_resnet18"):
         return resnet18_classifier(**architecture).to(memory_format=torch.channels_last)
     raise ValueError(f"unknown task {task!r}")

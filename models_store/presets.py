@@ -149,4 +149,13 @@ PRESETS: dict[str, Preset] = {
         std=IMAGENET_STD,
         eval_split="val",
     ),
+    "custom_resnet18": Preset(
+        task="custom_resnet18",
+        mode="RGB",
+        resize=256,
+        crop=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        eval_split="val",
+    ),
 }

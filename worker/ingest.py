@@ -81,7 +81,7 @@ SPLITS = ("train", "val")
 
 def dataset_preset() -> Preset:
     """The preset uploaded datasets are cached with: ResNet18's (Resize 256, CenterCrop 224)."""
-    return dataclasses.replace(PRESETS["hymenoptera_resnet18"], task="custom_resnet18")
+    return PRESETS["custom_resnet18"]
 
 
 class IngestFailed(Exception):

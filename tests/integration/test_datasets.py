@@ -5,13 +5,14 @@ disk, API and worker still healthy)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import resource
 import signal
 import time
 
 import pytest
 
-from tests.conftest import api_client, wait_for
+from tests.conftest import api_client, wait_for, wait_for_status
 from tests.factories_datasets import (
     class_images,
     device_entry,
@@ -24,6 +25,7 @@ from tests.factories_datasets import (
     zip_symlink,
     zip_with_huge_entry,
 )
+from tests.factories_models import make_model_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -213,3 +215,78 @@ def test_disk_full_while_ingesting_fails_cleanly(make_stack, start_worker, tmp_p
         # the same bytes again: a failed dataset is retried (and fails the same way here)
         assert upload(client, archive).status_code == 202
         assert wait_dataset(client, dataset_id)["status"] == "failed"
+
+
+# Training on an uploaded dataset -------------------------------------------------------------
+
+
+def submit_custom(client, dataset_id: str, **hyperparameters):
+    return client.post(
+        "/jobs",
+        json={"task": "custom_resnet18", "dataset": dataset_id, "hyperparameters": hyperparameters},
+    )
+
+
+def test_custom_resnet18_trains_on_an_upload_and_predicts_its_classes(make_stack, start_worker, tmp_path):
+    stack = make_stack(datasets_dir=tmp_path / "datasets")
+    worker = start_worker(stack)
+    images = class_images({"red": 12, "green": 12, "blue": 12}, size=64)
+    with api_client(stack) as client:
+        dataset_id = upload(client, zip_bytes(images)).json()["id"]
+        assert wait_dataset(client, dataset_id)["status"] == "ready"
+        quick = {"epochs": 1, "batch_size": 8, "max_train_samples": 16, "weights": "none"}
+        response = submit_custom(client, dataset_id, augment=True, **quick)
+        assert response.status_code == 202, response.text
+        assert response.json()["dataset"] == dataset_id
+        job = wait_for_status(client, response.json()["id"], {"succeeded", "failed"}, timeout=300)
+        assert job["status"] == "succeeded", job["error"]
+        model = client.get(f"/models/{job['model_id']}").json()
+        assert model["task"] == "custom_resnet18" and model["classes"] == ["blue", "green", "red"]
+        stored = stack.settings().models_dir / job["model_id"] / "metadata.json"
+        metadata = json.loads(stored.read_text())
+        assert metadata["dataset"] == dataset_id and metadata["augment"] is True
+        assert metadata["preset"]["task"] == "custom_resnet18" and metadata["preset"]["crop"] == 224
+        predicted = client.post(
+            "/predict", files={"file": ("x.png", images["red/000.png"])}, data={"model_id": job["model_id"]}
+        ).json()
+        assert {p["label"] for p in predicted["predictions"]} == {"blue", "green", "red"}
+
+        # from that checkpoint (same classes: its fc is kept), in feature-extraction mode
+        follow = submit_custom(
+            client,
+            dataset_id,
+            **{**quick, "weights": f"model:{job['model_id']}", "mode": "feature_extraction"},
+        )
+        assert follow.status_code == 202, follow.text
+        second = wait_for_status(client, follow.json()["id"], {"succeeded", "failed"}, timeout=300)
+        assert second["status"] == "succeeded", second["error"]
+        assert second["weights"].startswith(f"model:{job['model_id']}")
+
+        # refused before anything is enqueued
+        lenet = make_model_checkpoint(stack.settings().models_dir, "mnist_lenet5")
+        before = client.get("/jobs").json()["count"]
+        refused = [
+            (submit_custom(client, "0" * 32, **quick), "no dataset"),
+            (submit_custom(client, "not-an-id"), "dataset"),
+            (submit_custom(client, dataset_id, weights="model:no-such-model"), "no-such-model"),
+            (submit_custom(client, dataset_id, weights=f"model:{lenet}"), "not ResNet18"),
+            (submit_custom(client, dataset_id, weights="model:../x"), "weights"),
+            (submit_custom(client, dataset_id, augment=True, mode="feature_extraction"), "augment"),
+            (client.post("/jobs", json={"task": "custom_resnet18"}), "dataset"),
+            (client.post("/jobs", json={"task": "mnist_lenet5", "dataset": dataset_id}), "dataset"),
+        ]
+        for response, words in refused:
+            assert response.status_code == 422, response.text
+            assert words in response.text
+        assert client.get("/jobs").json()["count"] == before
+
+        # a dataset in use by a queued job cannot be deleted
+        worker.stop()
+        queued = submit_custom(client, dataset_id, **quick).json()
+        conflict = client.delete(f"/datasets/{dataset_id}")
+        assert conflict.status_code == 409 and queued["id"] in conflict.json()["detail"]
+        assert client.post(f"/jobs/{queued['id']}/cancel").status_code == 202
+        assert client.delete(f"/datasets/{dataset_id}").status_code == 204
+        assert submit_custom(client, dataset_id, **quick).status_code == 422
+        # its models stay
+        assert client.get(f"/models/{job['model_id']}").status_code == 200

@@ -7,11 +7,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Header, HTTPException, Path, Query, Request, Response, status
 
-from app.api.deps import CeleryDep, JobStoreDep
+from app.api.deps import CeleryDep, CheckpointsDep, DatasetStoreDep, JobStoreDep
 from app.schemas import JOB_CREATE_EXAMPLES, JobCreate, JobPublic, JobsPublic, error_responses
 from core.hyperparams import TaskName
 from core.jobs import IdempotencyConflict, JobStatus, request_hash
 from core.queue import enqueue_training
+from models_store.sources import resnet18_source_problem
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ def create_job(
     job: Annotated[JobCreate, Body(openapi_examples=JOB_CREATE_EXAMPLES)],
     jobs: JobStoreDep,
     celery: CeleryDep,
+    datasets: DatasetStoreDep,
+    checkpoints: CheckpointsDep,
     response: Response,
     idempotency_key: Annotated[
         str | None,
@@ -63,12 +66,19 @@ def create_job(
 ) -> JobPublic:
     """Validate and enqueue a job; a worker picks it up. Poll `GET /jobs/{id}` for progress."""
     payload = job.model_dump(mode="json")
+    dataset = getattr(job, "dataset", None)
+    _check_references(job, dataset, datasets, checkpoints)
     try:
         record, created = jobs.create(
-            job.task, payload["hyperparameters"], idempotency_key, request_hash(payload)
+            job.task, payload["hyperparameters"], idempotency_key, request_hash(payload), dataset=dataset
         )
     except IdempotencyConflict as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    if created and dataset:  # atomically: the dataset is still there and ready, and now in use
+        outcome = datasets.attach_job(dataset, record.id)
+        if outcome != "ok":
+            jobs.delete(record.id, idempotency_key)
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, _dataset_unusable(dataset, outcome))
     if created:
         try:
             enqueue_training(celery, record.id)
@@ -79,6 +89,27 @@ def create_job(
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/jobs/{record.id}"
     return JobPublic.model_validate(record.model_dump())
+
+
+def _check_references(job, dataset: str | None, datasets, checkpoints) -> None:
+    """422 before anything is stored: an unknown or unready dataset, or a ``model:<id>`` initial
+    weights that is not a valid ResNet18 checkpoint."""
+    if dataset is not None:
+        record = datasets.get(dataset)
+        if record is None or record.status != "ready":
+            outcome = "missing" if record is None else record.status.value
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, _dataset_unusable(dataset, outcome))
+    source = getattr(job.hyperparameters, "source_model", None)
+    if source is not None:
+        problem = resnet18_source_problem(checkpoints, source)
+        if problem:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, problem)
+
+
+def _dataset_unusable(dataset: str, outcome: str) -> str:
+    if outcome == "missing":
+        return f"no dataset with id {dataset}: upload it with POST /datasets"
+    return f"dataset {dataset} is {outcome}, not ready: wait for GET /datasets/{dataset} to say ready"
 
 
 @router.get(
