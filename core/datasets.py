@@ -24,7 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 import redis
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 DATASET_ID_PATTERN = r"^[0-9a-f]{32}$"
 SKIPPED_LISTED = 1000  # skipped files listed on the record (all are counted)
@@ -77,8 +77,36 @@ class SkippedFile(BaseModel):
     reason: str = Field(description="Why it was skipped.", examples=["not an image (extension .txt)"])
 
 
+_EXAMPLE = {
+    "id": "3b0c9f1e5d2a4c6b8e7f9a1b2c3d4e5f",
+    "name": "pets",
+    "status": "ready",
+    "error": None,
+    "builtin": False,
+    "task": "custom_resnet18",
+    "created_at": "2026-11-30T01:00:00+00:00",
+    "finished_at": "2026-11-30T01:00:07+00:00",
+    "sha256": "3b0c9f1e5d2a4c6b8e7f9a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f",
+    "size_bytes": 48000000,
+    "format": "zip",
+    "layout": "class_folders",
+    "split": {"method": "stratified", "val_fraction": 0.2, "seed": 0},
+    "classes": ["cats", "dogs"],
+    "counts": {"train": {"cats": 80, "dogs": 80}, "val": {"cats": 20, "dogs": 20}},
+    "images": {"train": 160, "val": 40},
+    "skipped": [{"path": "cats/notes.txt", "reason": "not an image (extension .txt)"}],
+    "skipped_count": 1,
+    "ignored_count": 3,
+    "duplicates": {"train_val": 0, "within_split": 0, "examples": []},
+    "preset": {"task": "custom_resnet18", "mode": "RGB", "resize": 256, "crop": 224},
+    "progress": {},
+}
+
+
 class DatasetRecord(BaseModel):
     """An uploaded (or built-in) dataset."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_EXAMPLE]})
 
     id: str = Field(
         description="sha256 of the archive (first 32 hex digits), or the built-in's name.",
@@ -139,6 +167,8 @@ class DatasetRecord(BaseModel):
 
 class DatasetsPublic(BaseModel):
     """Uploaded datasets (newest first) after the built-in ones."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"data": [_EXAMPLE], "count": 1}]})
 
     data: list[DatasetRecord] = Field(description="The datasets.")
     count: int = Field(description="How many.")
