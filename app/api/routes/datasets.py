@@ -8,11 +8,13 @@ so the same bytes give the same dataset. Checking and decoding run on a worker
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path as FilePath
 from typing import Annotated
 
@@ -151,6 +153,7 @@ async def _receive_upload(request: Request, directory: FilePath, limit: int) -> 
         raise _UploadRejected(
             415, "send the archive as multipart/form-data with a `file` field (curl -F file=@photos.zip)"
         )
+    await anyio.to_thread.run_sync(_remove_stale_uploads, directory)
     sink = await anyio.to_thread.run_sync(_MultipartSink, directory, limit)
     try:
         parser = MultipartParser(options[b"boundary"], sink.callbacks())
@@ -173,6 +176,15 @@ async def _receive_upload(request: Request, directory: FilePath, limit: int) -> 
         sink.discard()
         raise _UploadRejected(400, f"the multipart body is malformed: {type(exc).__name__}: {exc}") from None
     return sink
+
+
+def _remove_stale_uploads(directory: FilePath, older_than_s: float = 24 * 3600) -> None:
+    """Temporary uploads left by an API process that died mid-upload."""
+    cutoff = time.time() - older_than_s
+    for path in directory.glob(".upload-*.part") if directory.is_dir() else []:
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
 
 
 def _dataset_name(sink: _MultipartSink, dataset_id: str) -> str:
