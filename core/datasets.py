@@ -160,8 +160,8 @@ class DatasetRecord(BaseModel):
     )
     progress: dict[str, Any] = Field(
         default_factory=dict,
-        description="While ingesting: entries_done, entries_total, images.",
-        examples=[{"entries_done": 120, "entries_total": 400, "images": 118}],
+        description="While ingesting: stage, entries_done, entries_total, images, updated_at.",
+        examples=[{"stage": "decoding", "entries_done": 120, "entries_total": 400, "images": 118}],
     )
 
 
@@ -211,8 +211,6 @@ return 'ok'
 _DELETE = """
 local current = redis.call('GET', KEYS[1])
 if not current then return 'missing' end
-local ok, decoded = pcall(cjson.decode, current)
-if ok and decoded['status'] == 'ingesting' then return 'ingesting' end
 for _, job_id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
   local status = redis.call('HGET', ARGV[1] .. job_id, 'status')
   if status == 'queued' or status == 'running' then return 'in_use:' .. job_id end
@@ -294,8 +292,9 @@ class DatasetStore:
         return self._update(keys=[self.key(record.id)], args=[record.model_dump_json(), only_if.value])
 
     def delete(self, dataset_id: str, job_key_prefix: str) -> str:
-        """Delete the record unless in use: ``deleted``, ``missing``, ``ingesting`` or
-        ``in_use:<job id>`` (a queued or running job trains on it)."""
+        """Delete the record unless in use: ``deleted``, ``missing`` or ``in_use:<job id>`` (a
+        queued or running job trains on it). An ingestion in progress notices at its next progress
+        write and removes its files."""
         keys = [self.key(dataset_id), self.index_key, f"{self.key(dataset_id)}:jobs"]
         return self._delete(keys=keys, args=[job_key_prefix, dataset_id])
 
@@ -312,6 +311,22 @@ def _parse(dataset_id: str, raw: str) -> DatasetRecord:
         raise DatasetRecordCorrupt(
             f"the stored record of dataset {dataset_id} is unreadable: {exc}"
         ) from None
+
+
+STALE_INGESTION_S = 600
+
+
+def ingestion_stalled(record: DatasetRecord, now: datetime) -> bool:
+    """An ``ingesting`` record that no worker has touched for ``STALE_INGESTION_S`` (its worker
+    was lost, or its message is still waiting behind long jobs): a re-upload queues it again."""
+    if record.status != DatasetStatus.ingesting:
+        return False
+    updated = record.progress.get("updated_at")
+    try:
+        last = datetime.fromisoformat(updated) if isinstance(updated, str) else record.created_at
+    except ValueError:
+        last = record.created_at
+    return last is None or (now - last).total_seconds() > STALE_INGESTION_S
 
 
 def utcnow() -> datetime:

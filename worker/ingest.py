@@ -84,6 +84,10 @@ def dataset_preset() -> Preset:
     return PRESETS["custom_resnet18"]
 
 
+class _Deleted(Exception):
+    """The dataset was deleted while it was being ingested."""
+
+
 class IngestFailed(Exception):
     """The dataset cannot be used; the message says why (shown on the record)."""
 
@@ -122,8 +126,14 @@ def ingest_dataset(dataset_id: str, settings: Settings) -> str:
         return record.status.value
     folder = Path(settings.datasets_dir) / dataset_id
     started = time.perf_counter()
+    progress = _progress_writer(store, record)
     try:
-        result = build_dataset(folder, settings, progress=_progress_writer(store, record))
+        progress({"stage": "listing"}, force=True)
+        result = build_dataset(folder, settings, progress=progress)
+    except _Deleted:
+        log.info("dataset %s was deleted while ingesting; its files are removed", dataset_id)
+        shutil.rmtree(folder, ignore_errors=True)
+        return "missing"
     except IngestFailed as exc:
         return _fail(store, record, folder, str(exc))
     except OSError as exc:
@@ -162,10 +172,14 @@ def _progress_writer(store: DatasetStore, record: DatasetRecord):
         if not force and now - last[0] < 0.5:
             return
         last[0] = now
+        progress = {**progress, "updated_at": utcnow().isoformat()}
         try:
-            store.update(record.model_copy(update={"progress": progress}))
+            outcome = store.update(record.model_copy(update={"progress": progress}))
         except Exception as exc:  # progress is best effort
             log.warning("dataset %s: could not record progress: %s", record.id, exc)
+            return
+        if outcome != "ok":
+            raise _Deleted(record.id)
 
     return write
 
@@ -309,7 +323,14 @@ def _decode_all(
                 continue
             pending.append((candidate, pool.submit(_decode_one, data, preset, settings.max_image_pixels)))
             drain(workers + 1)
-            progress({"entries_done": done, "entries_total": len(plan.candidates), "images": len(kept)})
+            progress(
+                {
+                    "stage": "decoding",
+                    "entries_done": done,
+                    "entries_total": len(plan.candidates),
+                    "images": len(kept),
+                }
+            )
         drain(0)
         fields = _assemble(plan, kept, skipped)
         writer.finish(

@@ -290,3 +290,26 @@ def test_custom_resnet18_trains_on_an_upload_and_predicts_its_classes(make_stack
         assert submit_custom(client, dataset_id, **quick).status_code == 422
         # its models stay
         assert client.get(f"/models/{job['model_id']}").status_code == 200
+
+
+def test_an_ingesting_dataset_can_be_deleted_and_a_stalled_one_is_queued_again(
+    make_stack, start_worker, tmp_path, monkeypatch
+):
+    import core.datasets
+
+    stack = make_stack(datasets_dir=tmp_path / "datasets")
+    first = zip_bytes(class_images({"a": 2, "b": 2}))
+    second = zip_bytes(class_images({"a": 3, "b": 3}))
+    with api_client(stack) as client:  # no worker yet: both stay ingesting
+        doomed = upload(client, first).json()["id"]
+        assert client.delete(f"/datasets/{doomed}").status_code == 204
+        assert client.get(f"/datasets/{doomed}").status_code == 404
+        stalled = upload(client, second).json()["id"]
+        assert upload(client, second).status_code == 200  # fresh: the queued message will do
+        monkeypatch.setattr(core.datasets, "STALE_INGESTION_S", -1)
+        assert upload(client, second).status_code == 202  # stalled: queued again
+        start_worker(stack)
+        assert wait_dataset(client, stalled)["status"] == "ready"
+        time.sleep(1)  # the second message finds it ready and does nothing
+        assert client.get(f"/datasets/{stalled}").json()["images"] == {"train": 4, "val": 2}
+    assert dataset_files(stack) == [f"{stalled}/images.safetensors"]

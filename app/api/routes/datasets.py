@@ -31,6 +31,7 @@ from core.datasets import (
     DatasetStatus,
     DatasetStore,
     builtin_record,
+    ingestion_stalled,
     sniff_archive,
     utcnow,
 )
@@ -245,7 +246,8 @@ async def upload_dataset(
     request: Request, response: Response, settings: SettingsDep, celery: CeleryDep
 ) -> DatasetRecord:
     """Store the archive and queue its ingestion. The id is the archive's sha256 (32 hex digits):
-    the same bytes uploaded again answer 200 with the existing dataset (a failed one is retried)."""
+    the same bytes uploaded again answer 200 with the existing dataset (a failed one is retried,
+    and an ingestion no worker has touched for 10 minutes is queued again, both with 202)."""
     store = get_dataset_store(request)
     root = FilePath(settings.datasets_dir)
     try:
@@ -281,11 +283,18 @@ async def upload_dataset(
         sink.discard()
         raise
     response.headers["Location"] = f"/datasets/{dataset_id}"
+    folder = root / dataset_id
+    if not created and ingestion_stalled(stored, utcnow()):
+        if not (folder / "upload").is_file():
+            await anyio.to_thread.run_sync(_place_upload, sink.path, folder)
+        sink.discard()
+        enqueue_ingest(celery, dataset_id)
+        log.warning("dataset %s: ingestion stalled; queued again", dataset_id)
+        return stored
     if not created:
         sink.discard()
         response.status_code = status.HTTP_200_OK
         return stored
-    folder = root / dataset_id
     try:
         await anyio.to_thread.run_sync(_place_upload, sink.path, folder)
         enqueue_ingest(celery, dataset_id)
@@ -334,20 +343,19 @@ def get_dataset(dataset_id: DatasetId, request: Request) -> DatasetRecord:
     summary="Delete an uploaded dataset",
     responses=error_responses(
         _404="No such dataset.",
-        _409="Built in, still ingesting, or a queued or running job uses it.",
+        _409="Built in, or a queued or running job uses it.",
         _422="Not a dataset id.",
     ),
 )
 def delete_dataset(dataset_id: DatasetId, request: Request, settings: SettingsDep) -> Response:
-    """Removes the record and the cached images. Models trained on it are kept."""
+    """Removes the record and the cached images (an ingestion in progress stops and removes its
+    files). Models trained on it are kept."""
     if dataset_id in BUILTIN_DATASETS:
         raise HTTPException(status.HTTP_409_CONFLICT, f"{dataset_id} is built in and cannot be deleted")
     store = get_dataset_store(request)
     outcome = store.delete(dataset_id, f"{store.prefix}:job:")
     if outcome == "missing":
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dataset with id {dataset_id}")
-    if outcome == "ingesting":
-        raise HTTPException(status.HTTP_409_CONFLICT, f"dataset {dataset_id} is still ingesting; retry later")
     if outcome.startswith("in_use:"):
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"job {outcome[7:]} is queued or running on dataset {dataset_id}"
