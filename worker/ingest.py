@@ -58,10 +58,18 @@ from models_store.presets import PRESETS, Preset
 from worker.archives import ArchiveRefused, Limits, Member, MemberTooLarge, SafeArchive
 from worker.data import ImageDataset
 
-try:  # the shared decoding of uploads (moving from app/ to core/)
-    from core.images import ImageRejected, open_upload, to_mode
-except ImportError:  # pragma: no cover - until core/images.py exists
+try:  # the one decoding path of /predict uploads and dataset files
+    from core.images import DecodeLimits, ImageRejected, decode_image, to_mode
+
+    def _open(data: bytes, settings: Settings):
+        return decode_image(data, DecodeLimits.from_settings(settings))[0]
+
+except ImportError:  # pragma: no cover - until core/images.py is on main (worker must not import app)
     from app.images import ImageRejected, open_upload, to_mode
+
+    def _open(data: bytes, settings: Settings):
+        return open_upload(data, settings.max_image_pixels)[0]
+
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +329,7 @@ def _decode_all(
             if isinstance(data, MemberTooLarge):
                 skipped.append((name, f"{data}, over MAX_UPLOAD_BYTES={settings.max_upload_bytes}"))
                 continue
-            pending.append((candidate, pool.submit(_decode_one, data, preset, settings.max_image_pixels)))
+            pending.append((candidate, pool.submit(_decode_one, data, preset, settings)))
             drain(workers + 1)
             progress(
                 {
@@ -343,11 +351,12 @@ def _decode_all(
     return fields
 
 
-def _decode_one(data: bytes, preset: Preset, max_pixels: int) -> tuple[np.ndarray | None, str, str]:
+def _decode_one(data: bytes, preset: Preset, settings: Settings) -> tuple[np.ndarray | None, str, str]:
     """(uint8 (C, H, W) or None, sha256 of the bytes, reason when None) — /predict's decoding."""
     digest = hashlib.sha256(data).hexdigest()
     try:
-        image, _ = open_upload(data, max_pixels)
+        image = _open(data, settings)
+        max_pixels = settings.max_image_pixels
         width, height = preset.resized_size(*image.size)
         if width * height > max_pixels:
             return None, digest, f"resizes to {width}x{height}, over MAX_IMAGE_PIXELS={max_pixels}"
