@@ -165,7 +165,7 @@ async def _receive_upload(request: Request, directory: FilePath, limit: int) -> 
         parser.finalize()
         await anyio.to_thread.run_sync(sink.flush)
         sink.close()
-    except _UploadRejected:
+    except (_UploadRejected, HTTPException):  # HTTPException: the body size limit (413)
         sink.discard()
         raise
     except OSError as exc:
