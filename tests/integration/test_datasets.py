@@ -104,7 +104,8 @@ def test_bad_upload_requests_are_refused_and_leave_nothing(stack, tmp_path):
             (client.post("/datasets", data={"name": "only a name"}, files={}), 415),
             (upload(client, b""), 400),
             (upload(client, b"just some text, not an archive"), 415),
-            (upload(client, good + bytes(200_000)), 413),
+            (upload(client, good + bytes(200_000)), 413),  # refused from Content-Length
+            (upload(client, good + bytes(120_000)), 413),  # counted while streaming
             (client.get("/datasets/not-an-id"), 422),
             (client.get("/datasets/" + "0" * 32), 404),
             (client.delete("/datasets/hymenoptera"), 409),
