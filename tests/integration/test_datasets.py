@@ -262,6 +262,10 @@ def test_custom_resnet18_trains_on_an_upload_and_predicts_its_classes(make_stack
         second = wait_for_status(client, follow.json()["id"], {"succeeded", "failed"}, timeout=300)
         assert second["status"] == "succeeded", second["error"]
         assert second["weights"].startswith(f"model:{job['model_id']}")
+        by_dataset = client.post(
+            "/predict", files={"file": ("x.png", images["red/000.png"])}, data={"dataset": dataset_id}
+        )
+        assert by_dataset.status_code == 200 and by_dataset.json()["model_id"] == second["model_id"]
 
         # refused before anything is enqueued
         lenet = make_model_checkpoint(stack.settings().models_dir, "mnist_lenet5")
@@ -279,6 +283,13 @@ def test_custom_resnet18_trains_on_an_upload_and_predicts_its_classes(make_stack
         for response, words in refused:
             assert response.status_code == 422, response.text
             assert words in response.text
+        red = ("x.png", images["red/000.png"])
+        mismatch = client.post(
+            "/predict", files={"file": red}, data={"dataset": dataset_id, "model_id": lenet}
+        )
+        assert mismatch.status_code == 422 and "not trained on dataset" in mismatch.text
+        unknown = client.post("/predict", files={"file": red}, data={"dataset": "f" * 32})
+        assert unknown.status_code == 404 and "no trained model of dataset" in unknown.text
         assert client.get("/jobs").json()["count"] == before
 
         # a dataset in use by a queued job cannot be deleted

@@ -16,8 +16,9 @@ from app.inference import ModelRegistry, predict
 from app.metrics import PREDICTION_SECONDS
 from app.schemas import ClassProbability, PredictionPublic, error_responses
 from core.config import Settings
+from core.datasets import DATASET_ID_PATTERN
 from core.hyperparams import TaskName
-from models_store.checkpoint import MODEL_ID_PATTERN
+from models_store.checkpoint import MODEL_ID_PATTERN, ModelNotFound
 from models_store.presets import Preset
 
 router = APIRouter(tags=["predict"])
@@ -29,7 +30,7 @@ router = APIRouter(tags=["predict"])
     summary="Classify an uploaded image",
     responses=error_responses(
         _400="Empty file.",
-        _404="Unknown model_id, or no trained model of the task yet.",
+        _404="Unknown model_id, or no trained model of the task (or dataset) yet.",
         _409="The checkpoint failed verification (tampered or truncated).",
         _413="File over MAX_UPLOAD_BYTES or image over MAX_IMAGE_PIXELS.",
         _415="Not an image Pillow can read.",
@@ -61,6 +62,14 @@ async def predict_image(
             examples=["mnist_lenet5-20261129-161500-5f2c1e0b"],
         ),
     ] = None,
+    dataset: Annotated[
+        str | None,
+        Form(
+            pattern=DATASET_ID_PATTERN,
+            description="Use the newest valid model trained on this uploaded dataset (custom_resnet18).",
+            examples=["3b0c9f1e5d2a4c6b8e7f9a1b2c3d4e5f"],
+        ),
+    ] = None,
     top_k: Annotated[
         int, Form(ge=1, le=100, description="Classes to return (at most the model's).", examples=[3])
     ] = 5,
@@ -78,8 +87,8 @@ async def predict_image(
     come, first served), so a burst of requests queues instead of thrashing the CPU.
     """
     _check_form_fields(await request.form())
-    if not task and not model_id:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "give either task or model_id")
+    if not task and not model_id and not dataset:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "give either task, dataset or model_id")
     data = await file.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         raise HTTPException(
@@ -87,10 +96,12 @@ async def predict_image(
             f"the file is larger than the limit of {settings.max_upload_bytes} bytes (MAX_UPLOAD_BYTES)",
         )
     async with request.app.state.inference_slots:
-        return await run_in_threadpool(_classify, registry, settings, data, model_id, task, top_k, invert)
+        return await run_in_threadpool(
+            _classify, registry, settings, data, model_id, task, top_k, invert, dataset
+        )
 
 
-FORM_FIELDS = ("file", "task", "model_id", "top_k", "invert")
+FORM_FIELDS = ("file", "task", "model_id", "top_k", "invert", "dataset")
 
 
 def _check_form_fields(form: FormData) -> None:
@@ -116,10 +127,15 @@ def _classify(
     task: str | None,
     top_k: int,
     invert: InvertChoice,
+    dataset: str | None = None,
 ) -> PredictionPublic:
     image, info = open_upload(data, settings.max_image_pixels)
     try:
+        if dataset and not model_id:
+            model_id = _newest_of_dataset(registry, dataset, task)
         checkpoint = registry.resolve(model_id, task)
+        if dataset and checkpoint.metadata.get("dataset") != dataset:
+            raise ValueError(f"model {checkpoint.model_id} was not trained on dataset {dataset}")
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     loaded = registry.get(checkpoint)
@@ -137,6 +153,16 @@ def _classify(
         inverted=result.inverted,
         image=info,
     )
+
+
+def _newest_of_dataset(registry: ModelRegistry, dataset: str, task: str | None) -> str:
+    """Id of the newest valid model trained on uploaded dataset ``dataset`` (checkpoint metadata
+    ``dataset``). Raises ``ModelNotFound``."""
+    for info in registry.store.list():  # newest first
+        meta = info.metadata if isinstance(info.metadata, dict) else {}
+        if info.valid and meta.get("dataset") == dataset and (task is None or info.task == task):
+            return info.model_id
+    raise ModelNotFound(f"no trained model of dataset {dataset} yet: submit a custom_resnet18 job first")
 
 
 def _check_resized_size(image: Image.Image, preset: Preset, max_pixels: int) -> None:
