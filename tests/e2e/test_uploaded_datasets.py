@@ -58,6 +58,7 @@ def test_hymenoptera_uploaded_as_train_val_trains_exactly_like_the_builtin_task(
             client, {"task": "custom_resnet18", "dataset": dataset["id"], "hyperparameters": QUICK}, worker
         )
     ours, theirs = custom["metrics"][0], builtin["metrics"][0]
+    print(f"\nhymenoptera_resnet18 {theirs}\ncustom_resnet18      {ours}")
     assert abs(ours["val_accuracy"] - theirs["val_accuracy"]) <= 1 / 153 + 1e-9, (ours, theirs)
     assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4), (ours, theirs)
     assert ours["train_accuracy"] == theirs["train_accuracy"]
