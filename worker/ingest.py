@@ -54,7 +54,8 @@ from core.datasets import (
     utcnow,
 )
 from core.jobs import redis_client
-from models_store.presets import PRESETS, Preset
+from tasks import get_task
+from tasks.base import Preset
 from worker.archives import ArchiveRefused, Limits, Member, MemberTooLarge, SafeArchive
 from worker.data import ImageDataset
 
@@ -89,7 +90,7 @@ SPLITS = ("train", "val")
 
 def dataset_preset() -> Preset:
     """The preset uploaded datasets are cached with: ResNet18's (Resize 256, CenterCrop 224)."""
-    return PRESETS["custom_resnet18"]
+    return get_task("custom_resnet18").preset
 
 
 class _Deleted(Exception):

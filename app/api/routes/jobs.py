@@ -9,10 +9,10 @@ from fastapi import APIRouter, Body, Depends, Header, HTTPException, Path, Query
 
 from app.api.deps import CeleryDep, CheckpointsDep, DatasetStoreDep, JobStoreDep
 from app.schemas import JOB_CREATE_EXAMPLES, JobCreate, JobPublic, JobsPublic, error_responses
-from core.hyperparams import TaskName
 from core.jobs import IdempotencyConflict, JobStatus, request_hash
 from core.queue import enqueue_training
 from models_store.sources import resnet18_source_problem
+from tasks import TaskName
 
 log = logging.getLogger(__name__)
 

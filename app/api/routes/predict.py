@@ -17,9 +17,9 @@ from app.metrics import PREDICTION_SECONDS
 from app.schemas import ClassProbability, PredictionPublic, error_responses
 from core.config import Settings
 from core.datasets import DATASET_ID_PATTERN
-from core.hyperparams import TaskName
 from models_store.checkpoint import MODEL_ID_PATTERN, ModelNotFound
-from models_store.presets import Preset
+from tasks import TaskName
+from tasks.base import Preset
 
 router = APIRouter(tags=["predict"])
 

@@ -16,21 +16,80 @@ The checkpoint's metadata records the dataset id (``dataset``), its classes and 
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
-from core.hyperparams import CustomResNetHyperparameters
-from models_store.architectures import build_model
+import torch
+from pydantic import ConfigDict, Field, model_validator
+
 from models_store.checkpoint import CheckpointStore
-from models_store.presets import PRESETS
 from models_store.sources import resnet18_source_problem
+from tasks.base import Preset, Task
+from tasks.hymenoptera_resnet18 import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ResNetHyperparameters,
+    ResNetRecipe,
+    build_model,
+)
 from worker.augment import BatchAugment
 from worker.data import DatasetNotFound
 from worker.pretrained import PretrainedWeights, PretrainedWeightsUnavailable, resolve_weights
-from worker.recipes.common import DeviceSplit
-from worker.recipes.resnet import ResNetRecipe
+from worker.recipe_common import DeviceSplit
 from worker.training import BatchLoop, EpochStats, TrainingContext
 
-TASK = "custom_resnet18"
+NAME = "custom_resnet18"
+WEIGHTS_PATTERN = r"^(default|IMAGENET1K_V1|local|none|model:[a-z0-9][a-z0-9_-]{0,127})$"
+
+
+class CustomResNetHyperparameters(ResNetHyperparameters):
+    """ResNet18 transfer learning on an uploaded dataset: hymenoptera_resnet18's fields and
+    defaults, plus ``augment`` and ``weights: model:<model_id>``."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"epochs": 10, "mode": "finetune", "augment": True, "weights": "IMAGENET1K_V1"}]
+        }
+    )
+
+    weights: str = Field(
+        "default",
+        pattern=WEIGHTS_PATTERN,
+        description=(
+            "Initial backbone weights: `default` = the server's RESNET18_WEIGHTS setting, "
+            "`IMAGENET1K_V1`, `local` = RESNET18_WEIGHTS_FILE, `none` = random init, or "
+            "`model:<model_id>` = the backbone of a ResNet18 checkpoint in the store (its fc is "
+            "re-initialised unless the checkpoint has the same classes)."
+        ),
+        examples=["IMAGENET1K_V1"],
+    )
+    augment: bool = Field(
+        False,
+        description=(
+            "Fine-tuning only: RandomResizedCrop(224) and a horizontal flip of every training image "
+            "(torchvision.transforms.v2, on the training device)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _augment_needs_finetune(self) -> CustomResNetHyperparameters:
+        if self.augment and self.mode != "finetune":
+            raise ValueError("augment needs mode finetune (feature_extraction computes each feature once)")
+        return self
+
+    @property
+    def source_model(self) -> str | None:
+        """The model id of ``weights: model:<id>``, else None."""
+        return self.weights[6:] if self.weights.startswith("model:") else None
+
+
+PRESET = Preset(
+    task=NAME, mode="RGB", resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, eval_split="val"
+)
+
+
+def locate(data_dir: Path, split: str, allow_download: bool):
+    """Uploaded datasets are not under DATA_DIR: each job names one (its ``dataset``)."""
+    raise DatasetNotFound(f"{NAME} trains on an uploaded dataset: submit the job with a `dataset` id")
 
 
 class CustomResNetRecipe(ResNetRecipe):
@@ -39,7 +98,7 @@ class CustomResNetRecipe(ResNetRecipe):
 
     def __init__(self, hp: CustomResNetHyperparameters, ctx: TrainingContext):
         super().__init__(hp, ctx)
-        self.preset = PRESETS[TASK]
+        self.preset = PRESET
         self.augment = BatchAugment(self.preset.crop, hp.seed) if hp.augment else None
         self._epoch, self._step = 0, 0
 
@@ -47,7 +106,7 @@ class CustomResNetRecipe(ResNetRecipe):
         from worker.ingest import load_uploaded
 
         if not self.ctx.dataset:
-            raise DatasetNotFound(f"{TASK} trains on an uploaded dataset: the job has no `dataset`")
+            raise DatasetNotFound(f"{NAME} trains on an uploaded dataset: the job has no `dataset`")
         splits = load_uploaded(self.ctx.datasets_dir, self.ctx.dataset)
         self.classes = splits["train"].classes
         self.weights, source_classes = self._initial_weights()
@@ -58,7 +117,7 @@ class CustomResNetRecipe(ResNetRecipe):
         )
         self.val = DeviceSplit.from_dataset(splits["val"], device)
         self.train_size = len(self.train)
-        model = build_model(TASK, {"num_classes": len(self.classes)})
+        model = build_model({"num_classes": len(self.classes)})
         _load_initial(model, self.weights, keep_fc=source_classes == self.classes)
         self.model = model.to(device)
         if self.hp.mode == "finetune":
@@ -128,3 +187,21 @@ def _load_initial(model: torch.nn.Module, weights: PretrainedWeights, keep_fc: b
         raise PretrainedWeightsUnavailable(
             f"{weights.name} is not a ResNet18 state dict: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+
+
+TASK = Task(
+    name=NAME,
+    title="ResNet18 on an uploaded dataset",
+    description=(
+        "Fine-tune ResNet18 (or train its new fc on frozen features) on a dataset uploaded with "
+        "POST /datasets, named by `dataset`."
+    ),
+    dataset="uploaded",
+    uploaded_dataset=True,
+    hyperparameters=CustomResNetHyperparameters,
+    preset=PRESET,
+    build_model=build_model,
+    locate=locate,
+    recipe=CustomResNetRecipe,
+    example={"mode": "finetune", "augment": True, "weights": "none"},
+)
