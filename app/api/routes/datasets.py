@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -42,7 +43,9 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 UPLOAD_FIELDS = ("file", "name")
-MAX_NAME_BYTES = 200
+MAX_NAME_CHARS = 200
+NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"  # no control characters
+_NAME_RE = re.compile(NAME_PATTERN)
 INCOMING = ".incoming"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 DatasetId = Annotated[
@@ -120,8 +123,8 @@ class _MultipartSink:
         chunk = data[start:end]
         if self._part == "name":
             self.name.extend(chunk)
-            if len(self.name) > MAX_NAME_BYTES:
-                raise _UploadRejected(422, f"name is longer than {MAX_NAME_BYTES} bytes")
+            if len(self.name) > 4 * MAX_NAME_CHARS:  # UTF-8: at most 4 bytes a character
+                raise _UploadRejected(422, f"name is longer than {MAX_NAME_CHARS} characters")
             return
         self.size += len(chunk)
         if self.size > self.limit:
@@ -189,17 +192,23 @@ def _remove_stale_uploads(directory: FilePath, older_than_s: float = 24 * 3600) 
 
 
 def _dataset_name(sink: _MultipartSink, dataset_id: str) -> str:
-    name = sink.name.decode("utf-8", "replace").strip()
+    try:
+        given = sink.name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _UploadRejected(422, "name is not valid UTF-8") from None
+    if len(given) > MAX_NAME_CHARS:
+        raise _UploadRejected(422, f"name is longer than {MAX_NAME_CHARS} characters")
+    if not _NAME_RE.match(given):
+        raise _UploadRejected(422, "name must not contain control characters")
+    name = given.strip()
     if not name and sink.filename:
         name = FilePath(sink.filename.replace("\\", "/")).name
         for suffix in ARCHIVE_SUFFIXES:
             if name.lower().endswith(suffix):
                 name = name[: -len(suffix)]
                 break
-    name = name or dataset_id[:12]
-    if not name.isprintable():
-        raise _UploadRejected(422, "name must be printable text")
-    return name
+    name = "".join(c for c in name if c.isprintable())[:MAX_NAME_CHARS]
+    return name or dataset_id[:12]
 
 
 @router.post(
@@ -227,6 +236,7 @@ def _dataset_name(sink: _MultipartSink, dataset_id: str) -> str:
                     "schema": {
                         "type": "object",
                         "required": ["file"],
+                        "additionalProperties": False,
                         "properties": {
                             "file": {
                                 "type": "string",
@@ -234,7 +244,12 @@ def _dataset_name(sink: _MultipartSink, dataset_id: str) -> str:
                                 "description": ".zip, .tar, .tar.gz or .tgz of <class>/<images> or "
                                 "train/<class>/ + val/<class>/",
                             },
-                            "name": {"type": "string", "maxLength": MAX_NAME_BYTES},
+                            "name": {
+                                "type": "string",
+                                "maxLength": MAX_NAME_CHARS,
+                                "pattern": NAME_PATTERN,
+                                "description": "Name to list it by (default: the file's name).",
+                            },
                         },
                     }
                 }
