@@ -14,7 +14,7 @@ ERROR_REF = "#/components/schemas/ErrorPublic"
 VALIDATION_REF = "#/components/schemas/HTTPValidationError"
 BODY_METHODS = {"post", "put", "patch"}
 # Multipart bodies whose form needs one of these fields (declared as anyOf-required).
-ONE_OF_FIELDS: dict[str, tuple[str, ...]] = {"/predict": ("task", "model_id", "alias")}
+ONE_OF_FIELDS: dict[str, tuple[str, ...]] = {"/predict": ("task", "model_id", "alias", "dataset")}
 # Multipart bodies that refuse unknown fields (a typo such as `topk` is a 422, not ignored).
 CLOSED_FORMS = {"/predict"}
 

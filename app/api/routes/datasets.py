@@ -220,12 +220,24 @@ def _dataset_name(sink: _MultipartSink, dataset_id: str) -> str:
         200: {"model": DatasetRecord, "description": "The same bytes were uploaded before: that dataset."},
         202: {"description": "Stored; ingestion runs on a worker (poll GET /datasets/{id})."},
         **error_responses(
-            _400="Empty file or malformed multipart body.",
-            _413="Archive over MAX_DATASET_BYTES.",
-            _415="Not multipart, or the file is not a zip, tar or tar.gz archive.",
-            _422="No file field, an unknown or repeated field, or a bad name.",
+            _400=("Empty file or malformed multipart body.", "the uploaded file is empty"),
+            _413=(
+                "Archive over MAX_DATASET_BYTES.",
+                "the archive is larger than the limit of 1073741824 bytes (MAX_DATASET_BYTES)",
+            ),
+            _415=(
+                "Not multipart, or the file is not a zip, tar or tar.gz archive.",
+                "the file is not a .zip, .tar, .tar.gz or .tgz archive",
+            ),
+            _422=(
+                "No file field, an unknown or repeated field, or a bad name.",
+                "no `file` field: send the archive as -F file=@photos.zip",
+            ),
             _503="Redis (the queue) is unreachable; nothing was stored.",
-            _507="The upload could not be written (disk full).",
+            _507=(
+                "The upload could not be written (disk full).",
+                "could not store the upload under var/datasets/.incoming: No space left on device",
+            ),
         ),
     },
     openapi_extra={
@@ -341,7 +353,9 @@ def list_datasets(request: Request) -> DatasetsPublic:
     "/{dataset_id}",
     response_model=DatasetRecord,
     summary="Read a dataset: status, classes, counts, skipped files",
-    responses=error_responses(_404="No such dataset.", _422="Not a dataset id."),
+    responses=error_responses(
+        _404=("No such dataset.", "no dataset with id 3b0c9f1e5d2a4c6b8e7f9a1b2c3d4e5f"),
+    ),
 )
 def get_dataset(dataset_id: DatasetId, request: Request) -> DatasetRecord:
     if dataset_id in BUILTIN_DATASETS:
@@ -357,9 +371,12 @@ def get_dataset(dataset_id: DatasetId, request: Request) -> DatasetRecord:
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Delete an uploaded dataset",
     responses=error_responses(
-        _404="No such dataset.",
-        _409="Built in, or a queued or running job uses it.",
-        _422="Not a dataset id.",
+        _404=("No such dataset.", "no dataset with id 3b0c9f1e5d2a4c6b8e7f9a1b2c3d4e5f"),
+        _409=(
+            "Built in, or a queued or running job uses it.",
+            "job 5f2c1e0b9a7d4c3e8f1a2b3c4d5e6f70 is queued or running on dataset "
+            "3b0c9f1e5d2a4c6b8e7f9a1b2c3d4e5f",
+        ),
     ),
 )
 def delete_dataset(dataset_id: DatasetId, request: Request, settings: SettingsDep) -> Response:

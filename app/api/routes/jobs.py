@@ -67,8 +67,14 @@ JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="Job id (32 hex 
             _413="Body over 1 MiB.",
             _415="Body is not application/json.",
             _503="Redis (the queue) is unreachable; nothing was enqueued.",
+            _422=(
+                "Unknown task, unknown field, or a value out of bounds (FastAPI's list, naming the "
+                "field); or a reference that does not resolve (a sentence): an unknown or unready "
+                "dataset, `model:` weights that are not a valid ResNet18 checkpoint.",
+                "dataset 3b0c9f1e5d2a4c6b8e7f9a1b2c3d4e5f is ingesting, not ready: wait for "
+                "GET /datasets/3b0c9f1e5d2a4c6b8e7f9a1b2c3d4e5f to say ready",
+            ),
         ),
-        422: {"description": "Unknown task, unknown field, or a value out of bounds (the field is named)."},
     },
 )
 def create_job(
