@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from app.images import InvertChoice, should_invert, to_mode
+from core.images import InvertChoice, NormalizeChoice, frame_digit, should_invert, to_mode
 from models_store.checkpoint import CheckpointInfo, CheckpointInvalid, CheckpointStore, ModelNotFound
 from tasks import get_task
 from tasks.base import Preset
@@ -40,6 +40,7 @@ class Prediction:
     indices: list[int]
     probabilities: list[float]
     inverted: bool | None
+    framing: dict | None = None
 
 
 class ModelRegistry:
@@ -124,27 +125,47 @@ def _output_count(model: torch.nn.Module, preset: Preset) -> int:
         return int(model(preset.normalize(zeros)).shape[1])
 
 
-def predict(loaded: LoadedModel, image: Image.Image, top_k: int, invert: InvertChoice) -> Prediction:
+# Tasks whose inputs ``normalize=auto`` frames as MNIST framed its digits (core.images.frame_digit).
+FRAMED_TASKS = frozenset({"mnist_lenet5"})
+
+
+def predict(
+    loaded: LoadedModel,
+    image: Image.Image,
+    top_k: int,
+    invert: InvertChoice,
+    normalize: NormalizeChoice = "auto",
+) -> Prediction:
     """Classify one decoded upload.
 
     Args:
         loaded: the model.
-        image: PIL image of any mode (see ``app.images.to_mode``).
+        image: PIL image of any mode (see ``core.images.to_mode``).
         top_k: classes to return (clamped to the number of classes).
         invert: for L-mode presets (MNIST): ``auto``, ``true`` or ``false``.
+        normalize: ``auto`` frames inputs of ``FRAMED_TASKS`` as MNIST's digits were framed (after
+            the polarity step), ``none`` leaves them as sent (the preset resizes them).
 
     Returns:
-        top-k class indices and softmax probabilities (float32 -> float).
+        top-k class indices and softmax probabilities (float32 -> float), whether the image was
+        inverted and how it was framed (None for tasks that are never framed).
     """
     image = to_mode(image, loaded.preset.mode)
     inverted = None
+    framing = None
     if loaded.preset.mode == "L":
         inverted = should_invert(image, invert)
         if inverted:
             image = Image.eval(image, lambda v: 255 - v)
+    if loaded.task in FRAMED_TASKS:
+        if normalize == "auto":
+            width = loaded.preset.input_size[1]
+            image, framing = frame_digit(image, size=width, box=round(width * 20 / 28))
+        else:
+            framing = {"applied": False, "reason": "normalize=none"}
     pixels = loaded.preset.to_uint8(image).unsqueeze(0)
     with torch.inference_mode():
         logits = loaded.model(loaded.preset.normalize(pixels))
         probabilities = torch.softmax(logits.float(), dim=1)[0]
         top = torch.topk(probabilities, k=min(top_k, probabilities.numel()))
-    return Prediction(top.indices.tolist(), top.values.tolist(), inverted)
+    return Prediction(top.indices.tolist(), top.values.tolist(), inverted, framing)

@@ -53,24 +53,12 @@ from core.datasets import (
     SkippedFile,
     utcnow,
 )
+from core.images import DecodeLimits, ImageRejected, decode_image, to_mode
 from core.jobs import redis_client
 from tasks import get_task
 from tasks.base import Preset
 from worker.archives import ArchiveRefused, Limits, Member, MemberTooLarge, SafeArchive
 from worker.data import ImageDataset
-
-try:  # the one decoding path of /predict uploads and dataset files
-    from core.images import DecodeLimits, ImageRejected, decode_image, to_mode
-
-    def _open(data: bytes, settings: Settings):
-        return decode_image(data, DecodeLimits.from_settings(settings))[0]
-
-except ImportError:  # pragma: no cover - until core/images.py is on main (worker must not import app)
-    from app.images import ImageRejected, open_upload, to_mode
-
-    def _open(data: bytes, settings: Settings):
-        return open_upload(data, settings.max_image_pixels)[0]
-
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +344,7 @@ def _decode_one(data: bytes, preset: Preset, settings: Settings) -> tuple[np.nda
     """(uint8 (C, H, W) or None, sha256 of the bytes, reason when None) — /predict's decoding."""
     digest = hashlib.sha256(data).hexdigest()
     try:
-        image = _open(data, settings)
+        image, _ = decode_image(data, DecodeLimits.from_settings(settings))
         max_pixels = settings.max_image_pixels
         width, height = preset.resized_size(*image.size)
         if width * height > max_pixels:
