@@ -18,7 +18,8 @@ from app.schemas import ClassProbability, PredictionPublic, error_responses
 from core.config import Settings
 from core.datasets import DATASET_ID_PATTERN
 from core.images import DecodeLimits, ImageRejected, InvertChoice, NormalizeChoice, load_image, open_image
-from models_store.checkpoint import MODEL_ID_PATTERN, ModelNotFound
+from models_store.aliases import ALIAS_PATTERN
+from models_store.checkpoint import MODEL_ID_PATTERN
 from tasks import TaskName
 from tasks.base import Preset
 
@@ -32,11 +33,12 @@ router = APIRouter(tags=["predict"], route_class=FileFormRoute)
     responses=error_responses(
         _400=("Empty file, or a body that is not valid multipart.", "the uploaded file is empty"),
         _404=(
-            "Unknown model_id, or no trained model of the task (or dataset) yet.",
+            "Unknown model_id or alias, or no trained model of the task (or dataset) yet.",
             "no trained mnist_lenet5 model yet: submit a job with POST /jobs first",
         ),
         _409=(
-            "The checkpoint failed verification (tampered or truncated).",
+            "The checkpoint failed verification (tampered or truncated), or the alias points at a "
+            "model deleted outside the API.",
             "model mnist_lenet5-20261129-161500-5f2c1e0b failed verification: sha256 mismatch",
         ),
         _413=(
@@ -76,6 +78,15 @@ async def predict_image(
             pattern=MODEL_ID_PATTERN,
             description="Use this model (an id listed by GET /models); if task is given too, it must "
             "be the model's task.",
+        ),
+    ] = None,
+    alias: Annotated[
+        str | None,
+        Form(
+            max_length=64,
+            pattern=ALIAS_PATTERN,
+            description="With task: the model carrying this alias, e.g. `production` (with task alone: "
+            "`production` if set).",
         ),
     ] = None,
     dataset: Annotated[
@@ -128,11 +139,22 @@ async def predict_image(
     lane = request.app.state.heavy_decode_lane if heavy else request.app.state.inference_slots
     async with lane:
         return await run_in_threadpool(
-            _classify, registry, settings, image, info, model_id, task, top_k, invert, normalize, dataset
+            _classify,
+            registry,
+            settings,
+            image,
+            info,
+            model_id,
+            task,
+            top_k,
+            invert,
+            normalize,
+            alias,
+            dataset,
         )
 
 
-FORM_FIELDS = ("file", "task", "model_id", "top_k", "invert", "normalize", "dataset")
+FORM_FIELDS = ("file", "task", "model_id", "top_k", "invert", "normalize", "alias", "dataset")
 
 
 def _check_form_fields(form: FormData) -> None:
@@ -168,14 +190,13 @@ def _classify(
     top_k: int,
     invert: InvertChoice,
     normalize: NormalizeChoice,
+    alias: str | None = None,
     dataset: str | None = None,
 ) -> PredictionPublic:
     image = load_image(image, info, DecodeLimits.from_settings(settings))
     info = {k: v for k, v in info.items() if k != "cost"}
     try:
-        if dataset and not model_id:
-            model_id = _newest_of_dataset(registry, dataset, task)
-        checkpoint = registry.resolve(model_id, task)
+        checkpoint, alias = registry.resolve_with_alias(model_id, task, alias, name=dataset)
         if dataset and checkpoint.metadata.get("dataset") != dataset:
             raise ValueError(f"model {checkpoint.model_id} was not trained on dataset {dataset}")
     except ValueError as exc:
@@ -187,6 +208,7 @@ def _classify(
     PREDICTION_SECONDS.labels(task=loaded.task).observe(time.perf_counter() - start)
     return PredictionPublic(
         model_id=loaded.model_id,
+        alias=alias,
         task=loaded.task,
         predictions=[
             ClassProbability(index=i, label=loaded.classes[i], probability=p)
@@ -196,16 +218,6 @@ def _classify(
         image=info,
         framing=result.framing,
     )
-
-
-def _newest_of_dataset(registry: ModelRegistry, dataset: str, task: str | None) -> str:
-    """Id of the newest valid model trained on uploaded dataset ``dataset`` (checkpoint metadata
-    ``dataset``). Raises ``ModelNotFound``."""
-    for info in registry.store.list():  # newest first
-        meta = info.metadata if isinstance(info.metadata, dict) else {}
-        if info.valid and meta.get("dataset") == dataset and (task is None or info.task == task):
-            return info.model_id
-    raise ModelNotFound(f"no trained model of dataset {dataset} yet: submit a custom_resnet18 job first")
 
 
 def _check_resized_size(image: Image.Image, preset: Preset, max_pixels: int) -> None:
