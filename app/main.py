@@ -23,6 +23,7 @@ from app.openapi import install_openapi
 from app.protocol import MAX_URL_BYTES, ContentEncodingMiddleware, HeadAsGetMiddleware, UrlLengthMiddleware
 from app.security import ApiKeyMiddleware
 from core.config import Settings, get_settings
+from core.datasets import DatasetStore
 from core.jobs import JobStore, redis_client
 from core.queue import make_celery
 from models_store.aliases import AliasStore
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         checkpoints = CheckpointStore(settings.models_dir)
         app.state.settings = settings
         app.state.jobs = JobStore(client, settings.redis_prefix)
+        app.state.datasets = DatasetStore(client, settings.redis_prefix)
         app.state.checkpoints = checkpoints
         app.state.aliases = AliasStore(client, settings.redis_prefix)
         await anyio.to_thread.run_sync(app.state.aliases.refresh)
@@ -113,9 +115,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         f"MAX_UPLOAD_BYTES={settings.max_upload_bytes} for the file, plus {MULTIPART_OVERHEAD} for the form",
     )
     json_limit = (JSON_BODY_LIMIT, "the limit of a JSON request")
+    dataset_limit = (
+        settings.max_dataset_bytes + MULTIPART_OVERHEAD,
+        f"MAX_DATASET_BYTES={settings.max_dataset_bytes} for the archive, plus {MULTIPART_OVERHEAD} more",
+    )
     app.add_middleware(
         BodySizeLimitMiddleware,
-        limit_for=lambda path: upload_limit if path == "/predict" else json_limit,
+        limit_for=lambda path: (
+            upload_limit if path == "/predict" else dataset_limit if path == "/datasets" else json_limit
+        ),
     )
     # Added innermost first; outside in: HEAD -> metrics -> CORS -> 414 -> 401 -> 415 -> 413 ->
     # routes. Each check answers before the body is read.

@@ -15,7 +15,7 @@ VALIDATION_REF = "#/components/schemas/HTTPValidationError"
 BODY_METHODS = {"post", "put", "patch"}
 # Multipart bodies whose form needs one of these fields (declared as anyOf-required).
 # (`alias` goes with `task`, so it is not one of them.)
-ONE_OF_FIELDS: dict[str, tuple[str, ...]] = {"/predict": ("task", "model_id")}
+ONE_OF_FIELDS: dict[str, tuple[str, ...]] = {"/predict": ("task", "model_id", "dataset")}
 # Multipart fields that exclude each other (a 422 when sent together).
 EXCLUSIVE_FIELDS: dict[str, tuple[str, str]] = {"/predict": ("model_id", "alias")}
 # Multipart bodies that refuse unknown fields (a typo such as `topk` is a 422, not ignored).

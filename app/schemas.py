@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from core.datasets import DATASET_ID_PATTERN
 from core.jobs import JobRecord
 from tasks import TaskName, get_task, list_tasks
 from tasks.base import Task
@@ -16,12 +17,24 @@ def _job_create(task: Task) -> type[BaseModel]:
     after its hyperparameters class (``LeNetHyperparameters`` -> ``LeNetJobCreate``)."""
     name = task.hyperparameters.__name__.removesuffix("Hyperparameters") + "JobCreate"
     example = {"task": task.name, "hyperparameters": task.example}
+    dataset = {}
+    if task.uploaded_dataset:  # trains on a dataset uploaded with POST /datasets
+        example = {"task": task.name, "dataset": "3b0c9f1e5d2a4c6b8e7f9a1b2c3d4e5f", **example}
+        dataset["dataset"] = (
+            str,
+            Field(
+                pattern=DATASET_ID_PATTERN,
+                description="Id of a ready dataset uploaded with POST /datasets.",
+                examples=["3b0c9f1e5d2a4c6b8e7f9a1b2c3d4e5f"],
+            ),
+        )
     return create_model(
         name,
         __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [example]}),
         __doc__=task.description,
         __module__=__name__,
         task=(Literal[task.name], Field(description="Task to train.")),
+        **dataset,
         hyperparameters=(
             task.hyperparameters,
             Field(default_factory=task.hyperparameters, description="Overrides of the task's defaults."),

@@ -145,6 +145,26 @@ class Settings(BaseSettings):
         description="Images decoded and classified at once by the API; more requests wait their turn.",
     )
 
+    datasets_dir: Path = Field(
+        Path("var/datasets"),
+        description="Uploaded datasets (POST /datasets): each one's decoded uint8 images under <id>/.",
+    )
+    max_dataset_bytes: int = Field(
+        1 << 30, ge=1024, description="Largest dataset archive accepted by POST /datasets, bytes."
+    )
+    max_dataset_entries: int = Field(
+        50_000, ge=1, description="Most entries (files, folders, links) a dataset archive may hold."
+    )
+    max_dataset_uncompressed_bytes: int = Field(
+        2 << 30, ge=1024, description="Largest total uncompressed size of a dataset archive, bytes."
+    )
+    max_compression_ratio: float = Field(
+        100.0,
+        gt=1,
+        description="Largest uncompressed/compressed ratio of one archive entry (zip bombs); a file over "
+        "it is skipped, a gzip stream over it fails the dataset.",
+    )
+
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated bearer tokens; empty disables auth (development only).",

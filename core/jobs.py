@@ -203,6 +203,11 @@ class JobRecord(BaseModel):
         examples=[None],
     )
     error: str | None = Field(None, description="Why it failed.", examples=[None])
+    dataset: str | None = Field(
+        None,
+        description="Uploaded dataset it trains on (custom_resnet18; see /datasets).",
+        examples=[None],
+    )
     model_id: str | None = Field(
         None,
         description="Checkpoint it produced (see /models).",
@@ -491,8 +496,10 @@ class JobStore:
         idempotency_key: str | None = None,
         body_hash: str = "",
         owner: str = "",
+        dataset: str | None = None,
     ) -> tuple[JobRecord, bool]:
-        """Store a new queued job; returns (record, created).
+        """Store a new queued job; returns (record, created). ``dataset``: the uploaded dataset
+        it trains on, if any.
 
         With ``idempotency_key``, a second call with the same key (and ``owner``, the caller's
         API-key hash) returns the first job and ``created=False``; the same key of another owner is
@@ -510,6 +517,7 @@ class JobStore:
             "progress": json.dumps({"epochs": hyperparameters.get("epochs", 0)}),
             "metrics": "[]",
             "timings": "{}",
+            "dataset": dataset or "",
         }
         argv = [
             job_id,
@@ -536,7 +544,7 @@ class JobStore:
         record = self.get(existing_id)
         if record is None:  # the first request's job was rolled back; start afresh
             self.redis.delete(idem_key)
-            return self.create(task, hyperparameters, idempotency_key, body_hash, owner)
+            return self.create(task, hyperparameters, idempotency_key, body_hash, owner, dataset)
         return record, False
 
     def delete(self, job_id: str, idempotency_key: str | None = None, owner: str = "") -> None:

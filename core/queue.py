@@ -12,6 +12,7 @@ from kombu import Queue
 from core.config import Settings
 
 TRAIN_TASK = "imgclf.train"
+INGEST_TASK = "imgclf.ingest"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -27,7 +28,10 @@ def make_celery(settings: Settings) -> Celery:
         task_queues=[Queue(settings.celery_queue)],
         task_default_queue=settings.celery_queue,
         task_create_missing_queues=False,
-        task_routes={TRAIN_TASK: {"queue": settings.celery_queue}},
+        task_routes={
+            TRAIN_TASK: {"queue": settings.celery_queue},
+            INGEST_TASK: {"queue": settings.celery_queue},
+        },
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_ignore_result=True,
@@ -54,3 +58,9 @@ def enqueue_training(app: Celery, job_id: str) -> None:
     """Send the training message of ``job_id``; raises ``kombu.exceptions.OperationalError``
     (or another ``Exception``) at once when the broker is unreachable."""
     app.send_task(TRAIN_TASK, args=[job_id], retry=False)
+
+
+def enqueue_ingest(app: Celery, dataset_id: str) -> None:
+    """Send the ingestion message of an uploaded dataset (same queue as training); raises like
+    ``enqueue_training`` when the broker is unreachable."""
+    app.send_task(INGEST_TASK, args=[dataset_id], retry=False)

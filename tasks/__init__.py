@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 if TYPE_CHECKING:
     from tasks.base import Task
 
-TaskName = Literal["cifar10_dense", "mnist_lenet5", "hymenoptera_resnet18"]
+TaskName = Literal["cifar10_dense", "mnist_lenet5", "hymenoptera_resnet18", "custom_resnet18"]
 """The task names, as pydantic validates them in requests and job records."""
 
 

@@ -226,6 +226,8 @@ class Task:
         recipe: its training recipe class, ``recipe(hyperparameters, ctx)`` (``worker.training.Recipe``).
         example: the hyperparameters of the request example in its request schema.
         job_example: a named example of ``POST /jobs``.
+        uploaded_dataset: the task trains on a dataset uploaded with ``POST /datasets``, named by
+            the job's ``dataset`` (its ``locate`` is then unused).
     """
 
     name: str
@@ -239,6 +241,7 @@ class Task:
     recipe: type[Recipe]
     example: dict[str, Any] = field(default_factory=dict)
     job_example: JobExample | None = None
+    uploaded_dataset: bool = False
 
     @property
     def eval_split(self) -> str:

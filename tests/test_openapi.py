@@ -13,7 +13,11 @@ FASTAPI_OWN = {"HTTPValidationError", "ValidationError"}
 # Fields without an example on purpose: Swagger's "Try it out" pre-fills examples, and an invented
 # model id would make the first try a 404 (task's example, mnist_lenet5, is enough).
 # Swagger pre-fills examples: an invented model id or alias would turn "Try it out" into a 404.
-NO_EXAMPLE = {"Body_predict_image_predict_post.model_id", "Body_predict_image_predict_post.alias"}
+NO_EXAMPLE = {
+    "Body_predict_image_predict_post.model_id",
+    "Body_predict_image_predict_post.alias",
+    "Body_predict_image_predict_post.dataset",
+}
 
 
 @pytest.fixture(scope="module")
@@ -130,13 +134,14 @@ def test_every_status_the_middleware_answers_is_documented(schema):
 
 
 def test_422_bodies_are_documented_as_sent(schema):
-    """FastAPI's list of field errors everywhere; /predict also sends a sentence, documented as such."""
+    """FastAPI's list of field errors everywhere; /predict, POST /datasets and POST /jobs also send a
+    sentence, documented as such."""
     validation = {"$ref": "#/components/schemas/HTTPValidationError"}
     for path, method, operation in _operations(schema):
         if "422" not in operation["responses"]:
             continue
         got = operation["responses"]["422"]["content"]["application/json"]["schema"]
-        if path == "/predict":
+        if path in ("/predict", "/datasets", "/jobs") and method == "post":  # sentences too
             assert got == {"anyOf": [validation, {"$ref": "#/components/schemas/ErrorPublic"}]}
         else:
             assert got == validation, (method, path)
@@ -150,7 +155,7 @@ def test_constraints_and_headers_are_declared(schema):
     assert job_id["pattern"] == "^[0-9a-f]{32}$"
     body_ref = schema["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     form = schema["components"]["schemas"][body_ref["$ref"].rsplit("/", 1)[-1]]
-    assert [one["required"] for one in form["anyOf"]] == [["task"], ["model_id"]]
+    assert [one["required"] for one in form["anyOf"]] == [["task"], ["model_id"], ["dataset"]]
     created = schema["paths"]["/jobs"]["post"]["responses"]["202"]["headers"]
     assert {"Location", "Idempotent-Replayed"} <= set(created)
     for path, method, operation in _operations(schema):
@@ -182,4 +187,9 @@ def test_predict_form_fields_are_text_or_absent_and_unknown_ones_refused(schema)
     assert form["additionalProperties"] is False
     for name, prop in form["properties"].items():
         assert {"type": "null"} not in prop.get("anyOf", []), name
-    assert form["properties"]["task"]["enum"] == ["cifar10_dense", "mnist_lenet5", "hymenoptera_resnet18"]
+    assert form["properties"]["task"]["enum"] == [
+        "cifar10_dense",
+        "mnist_lenet5",
+        "hymenoptera_resnet18",
+        "custom_resnet18",
+    ]

@@ -102,6 +102,7 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
     checkpoints = CheckpointStore(settings.models_dir)
     with LeaseHeartbeat(store, job_id, token, settings.job_lease_ttl_s) as heartbeat:
         ctx, latest = _context(settings, store, job_id, token, device, resume, heartbeat)
+        ctx.dataset = record.dataset
         started = time.perf_counter()
         try:
             _check_models_dir(checkpoints)
@@ -248,6 +249,8 @@ def _context(
         allow_download=settings.allow_download,
         resnet18_weights=settings.resnet18_weights,
         resnet18_weights_file=settings.resnet18_weights_file,
+        datasets_dir=settings.datasets_dir,
+        models_dir=settings.models_dir,
         should_stop=should_stop,
         resume=resume,
     )

@@ -57,6 +57,8 @@ class TrainingContext:
         device: training device.
         data_dir, cache_dir, allow_download: see ``core.config.Settings``.
         resnet18_weights, resnet18_weights_file: server-side choice of ResNet18 initial weights.
+        dataset, datasets_dir: the uploaded dataset a job trains on (custom_resnet18) and DATASETS_DIR.
+        models_dir: MODELS_DIR, for initial weights taken from a checkpoint (``model:<id>``).
         on_progress: called with a ``JobProgress`` at most every ``progress_interval_s`` seconds
             and at every stage change.
         on_epoch: called with all ``EpochMetrics`` so far after each epoch.
@@ -74,6 +76,9 @@ class TrainingContext:
     allow_download: bool = False
     resnet18_weights: str = "IMAGENET1K_V1"
     resnet18_weights_file: Path | None = None
+    dataset: str | None = None
+    datasets_dir: Path = Path("var/datasets")
+    models_dir: Path = Path("var/models")
     on_progress: Callable[[JobProgress], None] = lambda progress: None
     on_epoch: Callable[[list[EpochMetrics]], None] = lambda metrics: None
     on_info: Callable[[dict], None] = lambda info: None

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 
 from app.inference import ModelRegistry
 from core.config import Settings
+from core.datasets import DatasetStore
 from core.jobs import JobStore
 from models_store.aliases import AliasStore
 from models_store.checkpoint import CheckpointStore
@@ -35,11 +36,16 @@ def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
+def get_datasets(request: Request) -> DatasetStore:
+    return request.app.state.datasets
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 JobStoreDep = Annotated[JobStore, Depends(get_jobs)]
 CheckpointsDep = Annotated[CheckpointStore, Depends(get_checkpoints)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
+DatasetStoreDep = Annotated[DatasetStore, Depends(get_datasets)]
 
 
 def get_aliases(request: Request) -> AliasStore:

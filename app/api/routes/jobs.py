@@ -8,13 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, Header, HTTPException, Path, Query, Request, Response, status
 from sse_starlette import EventSourceResponse
 
-from app.api.deps import CeleryDep, JobStoreDep
+from app.api.deps import CeleryDep, CheckpointsDep, DatasetStoreDep, JobStoreDep
 from app.events import EVENT_ID_PATTERN, job_events
 from app.figures import PNG, curves_png, run_bounded
 from app.schemas import JOB_CREATE_EXAMPLES, JobCreate, JobPublic, JobsPublic, error_responses
 from app.security import key_owner
 from core.jobs import JOB_ID_PATTERN, IdempotencyConflict, JobStatus, request_hash
 from core.queue import enqueue_training
+from models_store.sources import resnet18_source_problem
 from tasks import TaskName, get_task
 
 log = logging.getLogger(__name__)
@@ -69,14 +70,22 @@ JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="Job id (32 hex 
             _413="Body over 1 MiB.",
             _415="Body is not application/json.",
             _503="Redis (the queue) is unreachable; nothing was enqueued.",
+            _422=(
+                "Unknown task, unknown field, or a value out of bounds (FastAPI's list, naming the "
+                "field); or a reference that does not resolve (a sentence): an unknown or unready "
+                "dataset, `model:` weights that are not a valid ResNet18 checkpoint.",
+                "dataset 3b0c9f1e5d2a4c6b8e7f9a1b2c3d4e5f is ingesting, not ready: wait for "
+                "GET /datasets/3b0c9f1e5d2a4c6b8e7f9a1b2c3d4e5f to say ready",
+            ),
         ),
-        422: {"description": "Unknown task, unknown field, or a value out of bounds (the field is named)."},
     },
 )
 def create_job(
     job: Annotated[JobCreate, Body(openapi_examples=JOB_CREATE_EXAMPLES)],
     jobs: JobStoreDep,
     celery: CeleryDep,
+    datasets: DatasetStoreDep,
+    checkpoints: CheckpointsDep,
     request: Request,
     response: Response,
     idempotency_key: Annotated[
@@ -90,13 +99,20 @@ def create_job(
 ) -> JobPublic:
     """Validate and enqueue a job; a worker picks it up. Poll `GET /jobs/{id}` for progress."""
     payload = job.model_dump(mode="json")
+    dataset = getattr(job, "dataset", None)
+    _check_references(job, dataset, datasets, checkpoints)
     owner = key_owner(request.headers.get("authorization")) if request.app.state.settings.api_keys else ""
     try:
         record, created = jobs.create(
-            job.task, payload["hyperparameters"], idempotency_key, request_hash(payload), owner
+            job.task, payload["hyperparameters"], idempotency_key, request_hash(payload), owner, dataset
         )
     except IdempotencyConflict as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    if created and dataset:  # atomically: the dataset is still there and ready, and now in use
+        outcome = datasets.attach_job(dataset, record.id)
+        if outcome != "ok":
+            jobs.delete(record.id, idempotency_key, owner)
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, _dataset_unusable(dataset, outcome))
     if created:
         try:
             enqueue_training(celery, record.id)
@@ -107,6 +123,27 @@ def create_job(
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/jobs/{record.id}"
     return JobPublic.model_validate(record.model_dump())
+
+
+def _check_references(job, dataset: str | None, datasets, checkpoints) -> None:
+    """422 before anything is stored: an unknown or unready dataset, or a ``model:<id>`` initial
+    weights that is not a valid ResNet18 checkpoint."""
+    if dataset is not None:
+        record = datasets.get(dataset)
+        if record is None or record.status != "ready":
+            outcome = "missing" if record is None else record.status.value
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, _dataset_unusable(dataset, outcome))
+    source = getattr(job.hyperparameters, "source_model", None)
+    if source is not None:
+        problem = resnet18_source_problem(checkpoints, source)
+        if problem:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, problem)
+
+
+def _dataset_unusable(dataset: str, outcome: str) -> str:
+    if outcome == "missing":
+        return f"no dataset with id {dataset}: upload it with POST /datasets"
+    return f"dataset {dataset} is {outcome}, not ready: wait for GET /datasets/{dataset} to say ready"
 
 
 @router.get(

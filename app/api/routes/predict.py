@@ -16,6 +16,7 @@ from app.inference import ModelRegistry, predict
 from app.metrics import PREDICTION_SECONDS
 from app.schemas import ClassProbability, PredictionPublic, error_responses
 from core.config import Settings
+from core.datasets import DATASET_ID_PATTERN
 from core.images import DecodeLimits, ImageRejected, InvertChoice, NormalizeChoice, load_image, open_image
 from models_store.aliases import ALIAS_PATTERN
 from models_store.checkpoint import MODEL_ID_PATTERN
@@ -32,7 +33,7 @@ router = APIRouter(tags=["predict"], route_class=FileFormRoute)
     responses=error_responses(
         _400=("Empty file, or a body that is not valid multipart.", "the uploaded file is empty"),
         _404=(
-            "Unknown model_id or alias, or no trained model of the task yet.",
+            "Unknown model_id or alias, or no trained model of the task (or dataset) yet.",
             "no trained mnist_lenet5 model yet: submit a job with POST /jobs first",
         ),
         _409=(
@@ -52,7 +53,8 @@ router = APIRouter(tags=["predict"], route_class=FileFormRoute)
         ),
         _422=(
             "A form field is invalid (FastAPI's list of errors), or the request as a whole is: corrupt "
-            "image, unknown or repeated form field, neither task nor model_id (a sentence).",
+            "image, unknown or repeated form field, neither task, dataset nor model_id, a model_id not "
+            "trained on the dataset (a sentence).",
             "give either task or model_id",
         ),
     ),
@@ -87,6 +89,13 @@ async def predict_image(
             "`production` if set).",
         ),
     ] = None,
+    dataset: Annotated[
+        str | None,
+        Form(
+            pattern=DATASET_ID_PATTERN,
+            description="Use the newest valid model trained on this uploaded dataset (custom_resnet18).",
+        ),
+    ] = None,
     top_k: Annotated[
         int, Form(ge=1, le=100, description="Classes to return (at most the model's).", examples=[5])
     ] = 5,
@@ -116,8 +125,8 @@ async def predict_image(
     of their own, one at a time, so they never hold the slots that small images use.
     """
     _check_form_fields(await request.form())
-    if not task and not model_id:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "give either task or model_id")
+    if not task and not model_id and not dataset:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "give either task, dataset or model_id")
     data = await file.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         raise HTTPException(
@@ -130,11 +139,22 @@ async def predict_image(
     lane = request.app.state.heavy_decode_lane if heavy else request.app.state.inference_slots
     async with lane:
         return await run_in_threadpool(
-            _classify, registry, settings, image, info, model_id, task, top_k, invert, normalize, alias
+            _classify,
+            registry,
+            settings,
+            image,
+            info,
+            model_id,
+            task,
+            top_k,
+            invert,
+            normalize,
+            alias,
+            dataset,
         )
 
 
-FORM_FIELDS = ("file", "task", "model_id", "top_k", "invert", "normalize", "alias")
+FORM_FIELDS = ("file", "task", "model_id", "top_k", "invert", "normalize", "alias", "dataset")
 
 
 def _check_form_fields(form: FormData) -> None:
@@ -171,11 +191,14 @@ def _classify(
     invert: InvertChoice,
     normalize: NormalizeChoice,
     alias: str | None = None,
+    dataset: str | None = None,
 ) -> PredictionPublic:
     image = load_image(image, info, DecodeLimits.from_settings(settings))
     info = {k: v for k, v in info.items() if k != "cost"}
     try:
-        checkpoint, alias = registry.resolve_with_alias(model_id, task, alias)
+        checkpoint, alias = registry.resolve_with_alias(model_id, task, alias, name=dataset)
+        if dataset and checkpoint.metadata.get("dataset") != dataset:
+            raise ValueError(f"model {checkpoint.model_id} was not trained on dataset {dataset}")
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     loaded = registry.get(checkpoint)
