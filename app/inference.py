@@ -129,8 +129,53 @@ def _output_count(model: torch.nn.Module, preset: Preset) -> int:
         return int(model(preset.normalize(zeros)).shape[1])
 
 
+def preprocess(
+    loaded: LoadedModel, image: Image.Image, invert: InvertChoice
+) -> tuple[torch.Tensor, bool | None]:
+    """Stage 1 of serving: one decoded upload -> the model's uint8 input.
+
+    Args:
+        loaded: the model (its preset decides mode, size and crop).
+        image: PIL image of any mode (see ``app.images.to_mode``).
+        invert: for L-mode presets (MNIST): ``auto``, ``true`` or ``false``; ignored otherwise.
+
+    Returns:
+        (uint8 tensor (C, H, W) of the preset's input size, whether it was inverted: None for RGB
+        presets).
+    """
+    image = to_mode(image, loaded.preset.mode)
+    inverted = None
+    if loaded.preset.mode == "L":
+        inverted = should_invert(image, invert)
+        if inverted:
+            image = Image.eval(image, lambda v: 255 - v)
+    return loaded.preset.to_uint8(image), inverted
+
+
+def infer(loaded: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
+    """Stage 2 of serving: a batch of preprocessed images -> class probabilities.
+
+    Args:
+        loaded: the model.
+        pixels: uint8 (N, C, H, W) on the model's device, from ``preprocess`` (stacked).
+
+    Returns:
+        float32 (N, classes) softmax probabilities, on the CPU.
+    """
+    with torch.inference_mode():
+        logits = loaded.model(loaded.preset.normalize(pixels))
+        return torch.softmax(logits.float(), dim=1).cpu()
+
+
+def postprocess(probabilities: torch.Tensor, top_k: int, inverted: bool | None) -> Prediction:
+    """Stage 3 of serving: one image's probabilities (float32 (classes,)) -> its top-k, most
+    probable first (``top_k`` clamped to the number of classes)."""
+    top = torch.topk(probabilities, k=min(top_k, probabilities.numel()))
+    return Prediction(top.indices.tolist(), top.values.tolist(), inverted)
+
+
 def predict(loaded: LoadedModel, image: Image.Image, top_k: int, invert: InvertChoice) -> Prediction:
-    """Classify one decoded upload.
+    """Classify one decoded upload: ``preprocess``, ``infer`` on a batch of one, ``postprocess``.
 
     Args:
         loaded: the model.
@@ -141,15 +186,6 @@ def predict(loaded: LoadedModel, image: Image.Image, top_k: int, invert: InvertC
     Returns:
         top-k class indices and softmax probabilities (float32 -> float).
     """
-    image = to_mode(image, loaded.preset.mode)
-    inverted = None
-    if loaded.preset.mode == "L":
-        inverted = should_invert(image, invert)
-        if inverted:
-            image = Image.eval(image, lambda v: 255 - v)
-    pixels = loaded.preset.to_uint8(image).unsqueeze(0)
-    with torch.inference_mode():
-        logits = loaded.model(loaded.preset.normalize(pixels))
-        probabilities = torch.softmax(logits.float(), dim=1)[0]
-        top = torch.topk(probabilities, k=min(top_k, probabilities.numel()))
-    return Prediction(top.indices.tolist(), top.values.tolist(), inverted)
+    pixels, inverted = preprocess(loaded, image, invert)
+    probabilities = infer(loaded, pixels.unsqueeze(0))[0]
+    return postprocess(probabilities, top_k, inverted)

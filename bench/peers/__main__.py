@@ -1,0 +1,713 @@
+"""This API against TorchServe and LitServe, side by side, serving the same checkpoints.
+
+    .venv/bin/python -m bench.peers                 # 1, 8, 32, 128 clients x 15 s, both models (~12 min)
+    .venv/bin/python -m bench.peers --quick         # 1 and 32 clients x 5 s (< 4 min)
+    .venv/bin/python -m bench.peers --models hymenoptera_resnet18 --servers api litserve --device cuda
+
+Peers: ``pip install -e '.[bench]'`` (TorchServe 0.12 + model archiver, which need Java 17, and
+LitServe). A server whose package is missing is skipped with a note.
+
+1. Checkpoints are trained once with the service's own ``worker.training.run_training`` on the
+   real data (LeNet-5: one epoch of MNIST; ResNet18: ``weights=none``, one epoch on 32 images --
+   serving is measured, not accuracy) and kept in ``var/peers/models`` for later runs.
+2. Every server serves the same checkpoint with the service's own decoding and preset
+   (``bench/peers/common.py``), with the same CPU budget: ``--workers`` inference processes of
+   ``--threads`` torch threads each (this API: ``WEB_CONCURRENCY`` uvicorn processes). Where a peer
+   batches (ResNet18), it batches up to ``--batch-size`` requests waiting at most
+   ``--batch-delay-ms``.
+3. The same real images (MNIST test digits as PNG, hymenoptera val JPEGs) are first sent one by one
+   to every server and the answers compared with this API's (top-1 class and its probability).
+4. The same load generator, outside every server (asyncio httpx, one keep-alive connection per
+   client, multipart bodies built once), drives each server at each client count for
+   ``--duration`` seconds, after a warm-up; it records throughput, p50/p99 latency, errors and the
+   peak RSS of the server's whole process tree.
+
+Writes ``bench/results/peers-<time>.json``, prints a table and, as its last line,
+``speedup mnist_lenet5 X resnet18 Y``: this API's throughput at 32 clients divided by the best
+peer's (``nan`` when not measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import zipfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import psutil
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "bench" / "results"
+WORKDIR = ROOT / "var" / "peers"
+MODELS = ("mnist_lenet5", "hymenoptera_resnet18")
+SERVERS = ("api", "torchserve", "litserve")
+SHORT = {"mnist_lenet5": "mnist_lenet5", "hymenoptera_resnet18": "resnet18"}
+TRAIN = {
+    "mnist_lenet5": {"epochs": 1},
+    "hymenoptera_resnet18": {
+        "epochs": 1,
+        "weights": "none",
+        "mode": "finetune",
+        "max_train_samples": 32,
+        "batch_size": 16,
+    },
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="1 and 32 clients, 5 s each (< 4 min)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    parser.add_argument("--clients", type=int, nargs="+", default=None, help="default 1 8 32 128")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per client count (15)")
+    parser.add_argument("--warmup", type=float, default=None, help="seconds of load before measuring (3)")
+    parser.add_argument("--workers", type=int, default=2, help="inference processes per server")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per inference process")
+    parser.add_argument("--batch-size", type=int, default=4, help="peers' max batch for ResNet18")
+    parser.add_argument("--batch-delay-ms", type=float, default=10.0, help="peers' max batch wait")
+    parser.add_argument("--peer-batch-lenet", action="store_true", help="let the peers batch LeNet-5 too")
+    parser.add_argument(
+        "--api-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra setting for this API (repeatable), e.g. INFERENCE_MAX_BATCH=1",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="inference device")
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "datasets"))
+    )
+    parser.add_argument("--port", type=int, default=8770, help="first of the ports used (8770-8779)")
+    parser.add_argument("--retrain", action="store_true", help="train new checkpoints")
+    parser.add_argument("--tag", default="", help="a label stored with the results")
+    args = parser.parse_args(argv)
+    args.clients = args.clients or ([1, 32] if args.quick else [1, 8, 32, 128])
+    args.duration = args.duration or (5.0 if args.quick else 15.0)
+    args.warmup = args.warmup if args.warmup is not None else (2.0 if args.quick else 3.0)
+    return args
+
+
+# ---------------------------------------------------------------- checkpoints and images
+
+
+def checkpoint_for(task: str, args: argparse.Namespace) -> str:
+    """The model id of a ``bench.peers`` checkpoint of ``task`` (trained now if there is none)."""
+    from models_store.checkpoint import CheckpointStore
+
+    store = CheckpointStore(WORKDIR / "models")
+    if not args.retrain:
+        for info in store.list():
+            if info.valid and info.task == task and info.metadata.get("bench") == "peers":
+                return info.model_id
+    import torch
+
+    from models_store.presets import PRESETS
+    from worker.training import TrainingContext, run_training
+
+    print(f"training a {task} checkpoint with run_training ({TRAIN[task]})", flush=True)
+    ctx = TrainingContext(
+        device=torch.device("cuda" if args.device == "cuda" else "cpu"),
+        data_dir=args.data_dir,
+        cache_dir=WORKDIR / "cache",
+        resnet18_weights="none",
+        show_progress_bar=False,
+    )
+    start = time.perf_counter()
+    result = run_training(task, dict(TRAIN[task]), ctx)
+    model_id = f"{task}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}"
+    final = result.metrics[-1]
+    store.save(
+        model_id,
+        result.tensors,
+        {
+            "task": task,
+            "created_at": datetime.now(UTC).isoformat(),
+            "classes": result.classes,
+            "preset": PRESETS[task].to_dict(),
+            "architecture": result.architecture,
+            "hyperparameters": TRAIN[task],
+            "metrics": {"final": final.model_dump(), "epochs": [m.model_dump() for m in result.metrics]},
+            "bench": "peers",
+            **result.extra_metadata,
+        },
+    )
+    print(f"  {model_id} in {time.perf_counter() - start:.1f} s, {final.model_dump()}", flush=True)
+    return model_id
+
+
+def mnist_pngs(data_dir: Path, n: int = 200) -> list[tuple[str, bytes, str]]:
+    """Every 50th MNIST test digit as PNG: (file name, bytes, content type)."""
+    from torchvision.datasets.mnist import read_image_file
+
+    raw = data_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    images = read_image_file(str(raw if raw.exists() else raw.with_suffix(".gz")))
+    out = []
+    for i in range(0, min(len(images), 50 * n), 50):
+        buffer = io.BytesIO()
+        Image.fromarray(images[i].numpy()).save(buffer, format="PNG")
+        out.append((f"mnist_{i}.png", buffer.getvalue(), "image/png"))
+    return out
+
+
+def hymenoptera_jpegs(data_dir: Path) -> list[tuple[str, bytes, str]]:
+    """All hymenoptera val JPEGs, as stored (from the folder or the zip)."""
+    folder = data_dir / "hymenoptera_data" / "val"
+    if folder.is_dir():
+        paths = sorted(folder.glob("*/*.jpg"))
+        return [(p.name, p.read_bytes(), "image/jpeg") for p in paths]
+    with zipfile.ZipFile(data_dir / "hymenoptera_data.zip") as archive:
+        names = sorted(n for n in archive.namelist() if "/val/" in n and n.lower().endswith(".jpg"))
+        return [(Path(n).name, archive.read(n), "image/jpeg") for n in names]
+
+
+# ---------------------------------------------------------------- servers
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class Server:
+    """One server under test: started in its own session, stopped with its whole process group."""
+
+    name = ""
+    field = "file"  # multipart field of the image
+
+    def __init__(self, args: argparse.Namespace, task: str, model_id: str, port: int, workdir: Path):
+        self.args, self.task, self.model_id, self.port, self.workdir = args, task, model_id, port, workdir
+        self.process: subprocess.Popen | None = None
+        self.log_path = workdir / f"{self.name}-{SHORT[task]}.log"
+        self.batching = task == "hymenoptera_resnet18" or args.peer_batch_lenet
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def predict_url(self) -> str:
+        return f"{self.url}/predict"
+
+    def form(self) -> dict[str, str]:
+        return {}
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        if not port_free(self.port):
+            raise RuntimeError(f"port {self.port} is in use; pick other ports with --port")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the child)
+        self.process = subprocess.Popen(
+            self.command(), cwd=self.cwd(), env=self.env, stdout=log, stderr=log, start_new_session=True
+        )
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited at start; see {self.log_path}")
+            if self.ready():
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} not ready in 300 s; see {self.log_path}")
+
+    def cwd(self) -> Path:
+        return ROOT
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, self.stop_signal)
+        except ProcessLookupError:
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(20)
+        try:  # whatever is left of the group (TorchServe's Python workers, uvicorn's children)
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(10)
+
+    stop_signal = signal.SIGTERM
+
+    def rss(self) -> int:
+        """Resident bytes of the server's whole process tree."""
+        if self.process is None:
+            return 0
+        try:
+            root = psutil.Process(self.process.pid)
+            total = root.memory_info().rss
+            for child in root.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += child.memory_info().rss
+            return total
+        except psutil.Error:
+            return 0
+
+    def describe(self) -> str:
+        return ""
+
+
+class ApiServer(Server):
+    """This API: uvicorn with ``--workers`` processes (WEB_CONCURRENCY)."""
+
+    name = "api"
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        extra = dict(item.split("=", 1) for item in self.args.api_env)
+        self.env.update(
+            {
+                "API_KEYS": "",
+                "ENVIRONMENT": "development",
+                "MODELS_DIR": str(WORKDIR / "models"),
+                "CACHE_DIR": str(WORKDIR / "cache"),
+                "REDIS_PREFIX": f"peers-{uuid.uuid4().hex[:8]}",
+                "WEB_CONCURRENCY": str(self.args.workers),
+                "INFERENCE_THREADS": str(self.args.threads),
+                "INFERENCE_DEVICE": self.args.device,
+                **extra,
+            }
+        )
+        self.extra = extra
+
+    def form(self) -> dict[str, str]:
+        return {"model_id": self.model_id}
+
+    def command(self) -> list[str]:
+        workers = self.env["WEB_CONCURRENCY"]
+        return [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
+                "--port", str(self.port), "--workers", workers, "--log-level", "warning",
+                "--no-access-log"]  # fmt: skip
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def describe(self) -> str:
+        settings = " ".join(f"{k}={v}" for k, v in self.extra.items())
+        return f"{self.env['WEB_CONCURRENCY']} uvicorn processes {settings}".strip()
+
+
+class LitServeServer(Server):
+    """LitServe 0.2: ``--workers`` inference processes (and as many API server processes)."""
+
+    name = "litserve"
+    stop_signal = signal.SIGINT
+
+    def command(self) -> list[str]:
+        batch = ["--max-batch-size", str(self.args.batch_size),
+                 "--batch-timeout", str(self.args.batch_delay_ms / 1000)] if self.batching else []  # fmt: skip
+        return [sys.executable, "-m", "bench.peers.lit_server", "--models-dir", str(WORKDIR / "models"),
+                "--model-id", self.model_id, "--port", str(self.port), "--workers", str(self.args.workers),
+                "--threads", str(self.args.threads), "--accelerator", self.args.device, *batch]  # fmt: skip
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def describe(self) -> str:
+        batch = f", batch {self.args.batch_size} / {self.args.batch_delay_ms:g} ms" if self.batching else ""
+        return f"{self.args.workers} workers{batch}"
+
+
+class TorchServeServer(Server):
+    """TorchServe 0.12: Java frontend, ``--workers`` Python workers of the model."""
+
+    name = "torchserve"
+    field = "data"
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.home = self.workdir / f"torchserve-{SHORT[self.task]}"
+        self.model_name = SHORT[self.task]
+        # its pid file lives in the temp dir: a private one, so that it never sees another TorchServe
+        self.env["TMPDIR"] = str(self.home / "tmp")
+        self.env["LOG_LOCATION"] = str(self.home / "logs")
+        self.env["METRICS_LOCATION"] = str(self.home / "logs")
+        self.env["PYTHONPATH"] = str(ROOT)
+
+    @property
+    def predict_url(self) -> str:
+        return f"{self.url}/predictions/{self.model_name}"
+
+    def cwd(self) -> Path:
+        return self.home
+
+    def command(self) -> list[str]:
+        shutil.rmtree(self.home, ignore_errors=True)
+        (self.home / "tmp").mkdir(parents=True)
+        (self.home / "store").mkdir()
+        peer = {
+            "root": str(ROOT),
+            "models_dir": str(WORKDIR / "models"),
+            "model_id": self.model_id,
+            "threads": self.args.threads,
+        }
+        (self.home / "peer.json").write_text(json.dumps(peer))
+        archiver = Path(sys.executable).with_name("torch-model-archiver")
+        subprocess.run(
+            [
+                str(archiver),
+                "--model-name",
+                self.model_name,
+                "--version",
+                "1.0",
+                "--handler",
+                str(ROOT / "bench" / "peers" / "ts_handler.py"),
+                "--extra-files",
+                str(self.home / "peer.json"),
+                "--export-path",
+                str(self.home / "store"),
+                "--force",
+            ],
+            check=True,
+            env=self.env,
+        )
+        batch = self.args.batch_size if self.batching else 1
+        model = {
+            self.model_name: {
+                "1.0": {
+                    "defaultVersion": True,
+                    "marName": f"{self.model_name}.mar",
+                    "minWorkers": self.args.workers,
+                    "maxWorkers": self.args.workers,
+                    "batchSize": batch,
+                    "maxBatchDelay": int(self.args.batch_delay_ms) if batch > 1 else 1,
+                    "responseTimeout": 120,
+                }
+            }
+        }
+        (self.home / "config.properties").write_text(
+            "\n".join(
+                [
+                    f"inference_address=http://127.0.0.1:{self.port}",
+                    f"management_address=http://127.0.0.1:{self.port + 1}",
+                    f"metrics_address=http://127.0.0.1:{self.port + 2}",
+                    f"model_store={self.home / 'store'}",
+                    f"load_models={self.model_name}.mar",
+                    f"models={json.dumps(model)}",
+                    "disable_system_metrics=true",
+                    "install_py_dep_per_model=false",
+                    "disable_token_authorization=true",
+                    "enable_envvars_config=false",
+                    "job_queue_size=1000",
+                    "default_response_timeout=120",
+                    "",
+                ]
+            )
+        )
+        launcher = Path(sys.executable).with_name("torchserve")
+        return [str(launcher), "--start", "--foreground", "--ncs", "--disable-token-auth",
+                "--model-store", str(self.home / "store"), "--ts-config", str(self.home / "config.properties")]  # fmt: skip
+
+    def ready(self) -> bool:
+        # /ping says Healthy while the Python worker crash-loops: wait for every worker READY
+        try:
+            response = httpx.get(f"http://127.0.0.1:{self.port + 1}/models/{self.model_name}", timeout=2)
+            if response.status_code != 200:
+                return False
+            workers = response.json()[0]["workers"]
+            return len(workers) >= self.args.workers and all(w["status"] == "READY" for w in workers)
+        except (httpx.HTTPError, ValueError, KeyError, IndexError):
+            return False
+
+    def start(self) -> None:
+        if not port_free(self.port + 1) or not port_free(self.port + 2):
+            raise RuntimeError(f"port {self.port + 1} or {self.port + 2} is in use")
+        super().start()
+
+    def describe(self) -> str:
+        batch = f", batch {self.args.batch_size} / {self.args.batch_delay_ms:g} ms" if self.batching else ""
+        return f"{self.args.workers} workers{batch}"
+
+
+SERVER_CLASSES = {"api": ApiServer, "torchserve": TorchServeServer, "litserve": LitServeServer}
+PORT_OFFSET = {"api": 0, "torchserve": 3, "litserve": 7}
+
+
+def available(name: str) -> str | None:
+    """Why server ``name`` cannot run here, or None."""
+    if name == "torchserve":
+        if not Path(sys.executable).with_name("torchserve").exists():
+            return "torchserve not installed (pip install -e '.[bench]')"
+        if shutil.which("java") is None:
+            return "no java on PATH (TorchServe needs Java 17)"
+    if name == "litserve":
+        try:
+            import litserve  # noqa: F401
+        except ImportError:
+            return "litserve not installed (pip install -e '.[bench]')"
+    return None
+
+
+# ---------------------------------------------------------------- load
+
+
+def bodies_for(server: Server, images: list[tuple[str, bytes, str]]) -> list[tuple[bytes, str]]:
+    """Multipart bodies, built once: (bytes, content type)."""
+    out = []
+    for name, data, content_type in images:
+        request = httpx.Request(
+            "POST", server.predict_url, files={server.field: (name, data, content_type)}, data=server.form()
+        )
+        out.append((request.read(), request.headers["content-type"]))
+    return out
+
+
+def answers(server: Server, bodies: list[tuple[bytes, str]]) -> list[dict | None]:
+    """One request at a time: each body's top prediction ({index, probability}) or None."""
+    out = []
+    with httpx.Client(timeout=60) as client:
+        for body, content_type in bodies:
+            response = client.post(server.predict_url, content=body, headers={"content-type": content_type})
+            if response.status_code != 200:
+                out.append({"error": f"{response.status_code}: {response.text[:200]}"})
+                continue
+            top = response.json()["predictions"][0]
+            out.append({"index": top["index"], "probability": top["probability"]})
+    return out
+
+
+def compare(reference: list[dict], other: list[dict]) -> dict:
+    """Top-1 agreement with this API's answers and the largest probability difference."""
+    same = sum(
+        1 for a, b in zip(reference, other, strict=True) if "index" in b and a.get("index") == b["index"]
+    )
+    diffs = [
+        abs(a["probability"] - b["probability"])
+        for a, b in zip(reference, other, strict=True)
+        if "index" in a and "index" in b and a["index"] == b["index"]
+    ]
+    errors = [b["error"] for b in other if "error" in b]
+    return {
+        "images": len(reference),
+        "same_top1": same,
+        "max_probability_diff": max(diffs) if diffs else None,
+        "errors": len(errors),
+        "error_samples": errors[:3],
+    }
+
+
+async def drive(url: str, bodies: list[tuple[bytes, str]], clients: int, duration: float) -> dict:
+    """``clients`` concurrent clients, each one keep-alive connection, for ``duration`` seconds."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    deadline = time.monotonic() + duration
+
+    async def client_loop(seed: int) -> None:
+        rng = random.Random(seed)
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            while time.monotonic() < deadline:
+                body, content_type = rng.choice(bodies)
+                start = time.perf_counter()
+                try:
+                    response = await client.post(url, content=body, headers={"content-type": content_type})
+                    if response.status_code != 200:
+                        errors.append(f"{response.status_code}: {response.text[:200]}")
+                except httpx.HTTPError as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                latencies.append(time.perf_counter() - start)
+
+    started = time.monotonic()
+    await asyncio.gather(*(client_loop(i) for i in range(clients)))
+    elapsed = time.monotonic() - started  # includes the requests in flight at the deadline
+    ordered = sorted(latencies)
+
+    def pct(q: float) -> float | None:
+        return round(1000 * ordered[min(len(ordered) - 1, int(len(ordered) * q))], 2) if ordered else None
+
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "requests_per_s": round((len(latencies) - len(errors)) / elapsed, 1),
+        "p50_ms": pct(0.5),
+        "p99_ms": pct(0.99),
+    }
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, server: Server, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.server, self.interval = server, interval
+        self.peak = 0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.peak = max(self.peak, self.server.rss())
+
+
+def cpu_load() -> float:
+    """The machine's 1-minute load average (other users' work shows here)."""
+    return round(os.getloadavg()[0], 2)
+
+
+def measure(server: Server, images: list[tuple[str, bytes, str]], args: argparse.Namespace) -> dict:
+    bodies = bodies_for(server, images)
+    result = {"server": server.name, "task": server.task, "config": server.describe(), "levels": []}
+    start = time.perf_counter()
+    server.start()
+    result["start_s"] = round(time.perf_counter() - start, 1)
+    try:
+        result["answers"] = answers(server, bodies[: args.check_images])
+        result["idle_rss_mb"] = round(server.rss() / 2**20, 1)
+        for clients in args.clients:
+            if args.warmup:
+                asyncio.run(drive(server.predict_url, bodies, clients, args.warmup))
+            sampler = RssSampler(server)
+            sampler.start()
+            load_before = cpu_load()
+            level = asyncio.run(drive(server.predict_url, bodies, clients, args.duration))
+            sampler.stopped.set()
+            sampler.join()
+            level["peak_rss_mb"] = round(max(sampler.peak, server.rss()) / 2**20, 1)
+            level["loadavg_before"] = load_before
+            result["levels"].append(level)
+            print(
+                f"  {server.name:10} {SHORT[server.task]:12} {clients:4d} clients: "
+                f"{level['requests_per_s']:7.1f} req/s  p50 {level['p50_ms']} ms  p99 {level['p99_ms']} ms  "
+                f"errors {level['errors']}  RSS {level['peak_rss_mb']} MB",
+                flush=True,
+            )
+    finally:
+        server.stop()
+    return result
+
+
+# ---------------------------------------------------------------- report
+
+
+def level_of(run: dict, clients: int) -> dict | None:
+    return next((level for level in run["levels"] if level["clients"] == clients), None)
+
+
+def speedups(runs: list[dict], clients: int = 32) -> dict[str, float]:
+    """Per task: this API's throughput at ``clients`` / the best peer's."""
+    out = {}
+    for task in MODELS:
+        ours = [level_of(r, clients) for r in runs if r["task"] == task and r["server"] == "api"]
+        peers = [level_of(r, clients) for r in runs if r["task"] == task and r["server"] != "api"]
+        ours = [x for x in ours if x]
+        peers = [x for x in peers if x]
+        if ours and peers:
+            best = max(p["requests_per_s"] for p in peers)
+            out[task] = round(ours[0]["requests_per_s"] / best, 2) if best else math.inf
+        else:
+            out[task] = math.nan
+    return out
+
+
+def table(runs: list[dict]) -> str:
+    lines = [
+        "| model | server | config | clients | req/s | p50 ms | p99 ms | errors | peak RSS MB | top-1 same as API |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        agree = run.get("agreement")
+        same = f"{agree['same_top1']}/{agree['images']}" if agree else "(reference)"
+        for level in run["levels"]:
+            lines.append(
+                f"| {SHORT[run['task']]} | {run['server']} | {run['config']} | {level['clients']} | "
+                f"{level['requests_per_s']:.1f} | {level['p50_ms']} | {level['p99_ms']} | {level['errors']} | "
+                f"{level['peak_rss_mb']:.0f} | {same} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.check_images = 40 if args.quick else 100
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    workdir = WORKDIR / "runs" / stamp
+    runs: list[dict] = []
+    skipped: dict[str, str] = {}
+    for name in args.servers:
+        why = available(name)
+        if why:
+            skipped[name] = why
+            print(f"skipping {name}: {why}", flush=True)
+    servers = [name for name in args.servers if name not in skipped]
+    failed = False
+    for task in args.models:
+        model_id = checkpoint_for(task, args)
+        images = mnist_pngs(args.data_dir) if task == "mnist_lenet5" else hymenoptera_jpegs(args.data_dir)
+        # this API first: its answers are the reference the peers are compared with
+        for name in sorted(servers, key=lambda n: n != "api"):
+            server = SERVER_CLASSES[name](args, task, model_id, args.port + PORT_OFFSET[name], workdir)
+            print(f"{name} serving {model_id} ({server.describe()})", flush=True)
+            try:
+                run = measure(server, images, args)
+            except Exception as exc:  # one broken peer must not lose the others' numbers
+                print(f"  {name} failed: {exc}", flush=True)
+                runs.append({"server": name, "task": task, "error": str(exc), "levels": []})
+                failed = True
+                continue
+            run["model_id"] = model_id
+            reference = next(
+                (r for r in runs if r["task"] == task and r["server"] == "api" and "answers" in r), None
+            )
+            if reference is not None and name != "api":
+                run["agreement"] = compare(reference["answers"], run["answers"])
+                print(f"  agreement with this API: {run['agreement']}", flush=True)
+            runs.append(run)
+    result = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{os.cpu_count()} CPUs, {round(psutil.virtual_memory().total / 2**30)} GiB",
+        "command": " ".join(["python -m bench.peers", *(argv if argv is not None else sys.argv[1:])]),
+        "tag": args.tag,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "skipped": skipped,
+        "loadavg_end": cpu_load(),
+        "runs": [{k: v for k, v in r.items() if k != "answers"} for r in runs],
+        "speedup_at_32_clients": speedups(runs),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"peers-{stamp}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(table([r for r in runs if r["levels"]]))
+    print(f"written to {out.relative_to(ROOT)}")
+    ratio = result["speedup_at_32_clients"]
+    print(f"speedup mnist_lenet5 {ratio['mnist_lenet5']} resnet18 {ratio['hymenoptera_resnet18']}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
