@@ -8,22 +8,32 @@ New checkpoints are seen without a restart, since every request lists the store;
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
 from app.images import InvertChoice, should_invert, to_mode
+from app.serving import Backend, MicroBatcher, build_backend
 from models_store.architectures import build_model
 from models_store.checkpoint import CheckpointInfo, CheckpointInvalid, CheckpointStore, ModelNotFound
 from models_store.presets import Preset
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class LoadedModel:
-    """A checkpoint ready for inference (``model`` in eval mode, on the CPU)."""
+    """A checkpoint ready for inference (``model`` in eval mode, on the serving device).
+
+    ``backend`` runs a uint8 batch to probabilities (``app.serving``; PyTorch unless the registry
+    chose another); ``batcher``, when set, is the process's micro-batcher that ``infer`` goes
+    through for single images.
+    """
 
     model_id: str
     task: str
@@ -31,6 +41,10 @@ class LoadedModel:
     preset: Preset
     classes: list[str]
     sha256: str
+    backend: Backend | None = None
+    batcher: MicroBatcher | None = field(default=None, repr=False)
+    infer_ms: float | None = None  # one image's forward pass when loaded (best of 3), ms
+    light: bool = False  # runs in the calling thread, without the batcher (see ModelRegistry)
 
 
 @dataclass
@@ -48,11 +62,37 @@ class ModelRegistry:
     Args:
         store: the checkpoint store.
         cache_size: models kept loaded (least recently used evicted).
+        device: where models run (``INFERENCE_DEVICE``).
+        backend: ``torch``, ``onnxruntime`` or ``auto`` (``INFERENCE_BACKEND``, see
+            ``app.serving.build_backend``).
+        threads: intra-op threads of the ONNX Runtime backend.
+        batcher: micro-batcher shared by every model of this registry (None: each request runs
+            its own forward pass in its own thread).
+        inline_ms: a model whose one-image forward pass takes less than this (ms) is "light": it
+            skips the batcher, and ``runs_inline`` says its small uploads can be classified in
+            the calling thread (0: never).
     """
 
-    def __init__(self, store: CheckpointStore, cache_size: int = 4):
+    INLINE_MAX_UPLOAD_BYTES = 256 * 1024
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        cache_size: int = 4,
+        device: torch.device | str = "cpu",
+        backend: str = "torch",
+        threads: int = 1,
+        batcher: MicroBatcher | None = None,
+        inline_ms: float = 0.0,
+    ):
         self.store = store
         self.cache_size = cache_size
+        self.device = torch.device(device)
+        self.backend = backend
+        self.threads = threads
+        self.batcher = batcher
+        self.inline_ms = inline_ms
+        self._recent_by_task: dict[str, LoadedModel] = {}
         self._cache: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self._load_locks: dict[str, threading.Lock] = {}
@@ -94,6 +134,7 @@ class ModelRegistry:
             loaded = self._load(info.model_id)
             with self._lock:
                 self._cache[info.model_id] = loaded
+                self._recent_by_task[loaded.task] = loaded
                 self._cache.move_to_end(info.model_id)
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
@@ -114,11 +155,57 @@ class ModelRegistry:
             raise CheckpointInvalid(
                 f"model {model_id}: metadata lists {len(classes)} classes, the weights have {outputs} outputs"
             )
-        return LoadedModel(model_id, meta["task"], model, preset, classes, meta["weights"]["sha256"])
+        backend = build_backend(model, preset, self.device, self.backend, self.threads)
+        infer_ms = _forward_ms(backend, preset)
+        light = infer_ms < self.inline_ms
+        log.info(
+            "model %s served by %s on %s, %.2f ms per image%s",
+            model_id,
+            getattr(backend, "name", "?"),
+            self.device,
+            infer_ms,
+            " (light)" if light else "",
+        )
+        return LoadedModel(
+            model_id,
+            meta["task"],
+            model,
+            preset,
+            classes,
+            meta["weights"]["sha256"],
+            backend,
+            self.batcher,
+            infer_ms,
+            light,
+        )
+
+    def runs_inline(self, model_id: str | None, task: str | None, upload_bytes: int) -> bool:
+        """Whether a request can be classified in the calling thread (the event loop), without a
+        thread hop: its upload is at most ``INLINE_MAX_UPLOAD_BYTES`` and its model -- ``model_id``,
+        else the model of ``task`` used last -- is loaded and light. No I/O: a guess from memory;
+        either answer classifies correctly, only the thread differs."""
+        if self.inline_ms <= 0 or upload_bytes > self.INLINE_MAX_UPLOAD_BYTES:
+            return False
+        with self._lock:
+            loaded = self._cache.get(model_id) if model_id else self._recent_by_task.get(task or "")
+        return loaded is not None and loaded.light
 
     def cached_ids(self) -> list[str]:
         with self._lock:
             return list(self._cache)
+
+
+def _forward_ms(backend: Backend, preset: Preset) -> float:
+    """Milliseconds of one single-image forward pass of ``backend`` (best of 3, after one warm-up)."""
+    height, width = preset.input_size
+    zeros = torch.zeros(1, preset.channels, height, width, dtype=torch.uint8)
+    backend(zeros)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        backend(zeros)
+        best = min(best, time.perf_counter() - start)
+    return 1000 * best
 
 
 def _output_count(model: torch.nn.Module, preset: Preset) -> int:
@@ -157,11 +244,13 @@ def infer(loaded: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
 
     Args:
         loaded: the model.
-        pixels: uint8 (N, C, H, W) on the model's device, from ``preprocess`` (stacked).
+        pixels: uint8 (N, C, H, W) on the CPU, from ``preprocess`` (stacked).
 
     Returns:
         float32 (N, classes) softmax probabilities, on the CPU.
     """
+    if loaded.backend is not None:
+        return loaded.backend(pixels)
     with torch.inference_mode():
         logits = loaded.model(loaded.preset.normalize(pixels))
         return torch.softmax(logits.float(), dim=1).cpu()
@@ -187,5 +276,8 @@ def predict(loaded: LoadedModel, image: Image.Image, top_k: int, invert: InvertC
         top-k class indices and softmax probabilities (float32 -> float).
     """
     pixels, inverted = preprocess(loaded, image, invert)
-    probabilities = infer(loaded, pixels.unsqueeze(0))[0]
+    if loaded.batcher is not None and loaded.backend is not None and not loaded.light:
+        probabilities = loaded.batcher.run(loaded.backend, pixels)
+    else:
+        probabilities = infer(loaded, pixels.unsqueeze(0))[0]
     return postprocess(probabilities, top_k, inverted)

@@ -16,6 +16,7 @@ from app.errors import install_error_handlers, redact_url
 from app.inference import ModelRegistry
 from app.limits import BodySizeLimitMiddleware
 from app.metrics import MetricsMiddleware
+from app.serving import MicroBatcher
 from core.config import Settings, get_settings
 from core.jobs import JobStore, redis_client
 from core.queue import make_celery
@@ -57,7 +58,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.jobs = JobStore(client, settings.redis_prefix)
         app.state.checkpoints = checkpoints
-        app.state.registry = ModelRegistry(checkpoints, settings.model_cache_size)
+        app.state.registry = ModelRegistry(
+            checkpoints,
+            settings.model_cache_size,
+            device=inference_device(settings.inference_device),
+            backend=settings.inference_backend,
+            threads=settings.inference_threads,
+            batcher=MicroBatcher(settings.inference_max_batch, settings.inference_max_wait_ms / 1000),
+            inline_ms=settings.inference_inline_ms,
+        )
         app.state.celery = make_celery(settings)
         app.state.inference_slots = anyio.Semaphore(settings.inference_concurrency)
         log.info("API ready: Redis %s, models in %s", redact_url(settings.redis_url), settings.models_dir)
@@ -92,3 +101,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.add_middleware(MetricsMiddleware)
     return app
+
+
+def inference_device(choice: str) -> torch.device:
+    """``INFERENCE_DEVICE`` as a device: ``auto`` is CUDA when available, else the CPU. Raises
+    ``RuntimeError`` for ``cuda`` on a machine without CUDA."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("INFERENCE_DEVICE=cuda but CUDA is not available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)

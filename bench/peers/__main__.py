@@ -17,10 +17,13 @@ LitServe). A server whose package is missing is skipped with a note.
    ``--batch-delay-ms``.
 3. The same real images (MNIST test digits as PNG, hymenoptera val JPEGs) are first sent one by one
    to every server and the answers compared with this API's (top-1 class and its probability).
-4. The same load generator, outside every server (asyncio httpx, one keep-alive connection per
-   client, multipart bodies built once), drives each server at each client count for
-   ``--duration`` seconds, after a warm-up; it records throughput, p50/p99 latency, errors and the
-   peak RSS of the server's whole process tree.
+4. All servers of a model run at once; the same load generator, outside every server (asyncio
+   httpx, one keep-alive connection per client, multipart bodies built once), drives one at a
+   time at each client count for ``--duration`` seconds after a warm-up, in ``--rounds`` passes
+   whose server order rotates, so that the machine's changing load (other users) falls on all
+   alike. Per server and client count it records throughput, p50/p99 latency (pooled over the
+   rounds), errors, the server's CPU time per request (its whole process tree: a measure that
+   other users' load disturbs much less than throughput) and its peak RSS.
 
 Writes ``bench/results/peers-<time>.json``, prints a table and, as its last line,
 ``speedup mnist_lenet5 X resnet18 Y``: this API's throughput at 32 clients divided by the best
@@ -98,11 +101,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data-dir", type=Path, default=Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "datasets"))
     )
     parser.add_argument("--port", type=int, default=8770, help="first of the ports used (8770-8779)")
+    parser.add_argument("--rounds", type=int, default=None, help="passes over all servers (1 quick, 2 full)")
     parser.add_argument("--retrain", action="store_true", help="train new checkpoints")
     parser.add_argument("--tag", default="", help="a label stored with the results")
     args = parser.parse_args(argv)
     args.clients = args.clients or ([1, 32] if args.quick else [1, 8, 32, 128])
-    args.duration = args.duration or (5.0 if args.quick else 15.0)
+    args.duration = args.duration or (5.0 if args.quick else 10.0)
+    args.rounds = args.rounds or (1 if args.quick else 2)
     args.warmup = args.warmup if args.warmup is not None else (2.0 if args.quick else 3.0)
     return args
 
@@ -273,6 +278,21 @@ class Server:
             return total
         except psutil.Error:
             return 0
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds used so far by the server's whole process tree."""
+        if self.process is None:
+            return 0.0
+        total = 0.0
+        try:
+            root = psutil.Process(self.process.pid)
+            for process in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    times = process.cpu_times()
+                    total += times.user + times.system
+        except psutil.Error:
+            pass
+        return total
 
     def describe(self) -> str:
         return ""
@@ -524,7 +544,8 @@ def compare(reference: list[dict], other: list[dict]) -> dict:
 
 
 async def drive(url: str, bodies: list[tuple[bytes, str]], clients: int, duration: float) -> dict:
-    """``clients`` concurrent clients, each one keep-alive connection, for ``duration`` seconds."""
+    """``clients`` concurrent clients, each one keep-alive connection, for ``duration`` seconds.
+    Returns the raw latencies (s), errors and elapsed seconds."""
     latencies: list[float] = []
     errors: list[str] = []
     deadline = time.monotonic() + duration
@@ -546,20 +567,40 @@ async def drive(url: str, bodies: list[tuple[bytes, str]], clients: int, duratio
 
     started = time.monotonic()
     await asyncio.gather(*(client_loop(i) for i in range(clients)))
-    elapsed = time.monotonic() - started  # includes the requests in flight at the deadline
-    ordered = sorted(latencies)
+    return {"latencies": latencies, "errors": errors, "elapsed": time.monotonic() - started}
+
+
+def summarise(clients: int, samples: list[dict]) -> dict:
+    """Pooled over the rounds: throughput (successful requests / seconds driven), p50/p99 latency,
+    errors, CPU seconds of the server per request, peak RSS."""
+    latencies = sorted(x for s in samples for x in s["latencies"])
+    errors = [e for s in samples for e in s["errors"]]
+    elapsed = sum(s["elapsed"] for s in samples)
+    cpu = sum(s["cpu_s"] for s in samples)
 
     def pct(q: float) -> float | None:
-        return round(1000 * ordered[min(len(ordered) - 1, int(len(ordered) * q))], 2) if ordered else None
+        return (
+            round(1000 * latencies[min(len(latencies) - 1, int(len(latencies) * q))], 2)
+            if latencies
+            else None
+        )
 
+    ok = len(latencies) - len(errors)
     return {
         "clients": clients,
         "requests": len(latencies),
         "errors": len(errors),
         "error_samples": errors[:3],
-        "requests_per_s": round((len(latencies) - len(errors)) / elapsed, 1),
+        "requests_per_s": round(ok / elapsed, 1) if elapsed else 0.0,
         "p50_ms": pct(0.5),
         "p99_ms": pct(0.99),
+        "server_cpu_ms_per_request": round(1000 * cpu / len(latencies), 2) if latencies else None,
+        "server_cpu_cores": round(cpu / elapsed, 2) if elapsed else None,
+        "rounds_req_per_s": [
+            round((len(s["latencies"]) - len(s["errors"])) / s["elapsed"], 1) for s in samples
+        ],
+        "peak_rss_mb": round(max(s["peak_rss"] for s in samples) / 2**20, 1),
+        "loadavg": [s["loadavg"] for s in samples],
     }
 
 
@@ -580,36 +621,87 @@ def cpu_load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def measure(server: Server, images: list[tuple[str, bytes, str]], args: argparse.Namespace) -> dict:
-    bodies = bodies_for(server, images)
-    result = {"server": server.name, "task": server.task, "config": server.describe(), "levels": []}
-    start = time.perf_counter()
-    server.start()
-    result["start_s"] = round(time.perf_counter() - start, 1)
+def one_level(
+    server: Server, bodies: list[tuple[bytes, str]], clients: int, args: argparse.Namespace
+) -> dict:
+    if args.warmup:
+        asyncio.run(drive(server.predict_url, bodies, clients, args.warmup))
+    sampler = RssSampler(server)
+    sampler.start()
+    loadavg = cpu_load()
+    cpu_before = server.cpu_seconds()
+    sample = asyncio.run(drive(server.predict_url, bodies, clients, args.duration))
+    sample["cpu_s"] = server.cpu_seconds() - cpu_before
+    sampler.stopped.set()
+    sampler.join()
+    sample["peak_rss"] = max(sampler.peak, server.rss())
+    sample["loadavg"] = loadavg
+    return sample
+
+
+def measure_task(
+    servers: list[Server], images: list[tuple[str, bytes, str]], args: argparse.Namespace
+) -> list[dict]:
+    """Start every server of one model, check their answers against this API's, then drive them
+    in turn: for each round and client count, each server (the order rotates every round), so
+    that the machine's changing load falls on all of them alike."""
+    runs: dict[str, dict] = {}
+    bodies: dict[str, list[tuple[bytes, str]]] = {}
+    started: list[Server] = []
     try:
-        result["answers"] = answers(server, bodies[: args.check_images])
-        result["idle_rss_mb"] = round(server.rss() / 2**20, 1)
-        for clients in args.clients:
-            if args.warmup:
-                asyncio.run(drive(server.predict_url, bodies, clients, args.warmup))
-            sampler = RssSampler(server)
-            sampler.start()
-            load_before = cpu_load()
-            level = asyncio.run(drive(server.predict_url, bodies, clients, args.duration))
-            sampler.stopped.set()
-            sampler.join()
-            level["peak_rss_mb"] = round(max(sampler.peak, server.rss()) / 2**20, 1)
-            level["loadavg_before"] = load_before
-            result["levels"].append(level)
-            print(
-                f"  {server.name:10} {SHORT[server.task]:12} {clients:4d} clients: "
-                f"{level['requests_per_s']:7.1f} req/s  p50 {level['p50_ms']} ms  p99 {level['p99_ms']} ms  "
-                f"errors {level['errors']}  RSS {level['peak_rss_mb']} MB",
-                flush=True,
-            )
+        for server in servers:
+            print(f"{server.name} serving {server.model_id} ({server.describe()})", flush=True)
+            start = time.perf_counter()
+            try:
+                server.start()
+            except Exception as exc:  # one broken peer must not lose the others' numbers
+                print(f"  {server.name} failed to start: {exc}", flush=True)
+                runs[server.name] = {
+                    "server": server.name,
+                    "task": server.task,
+                    "error": str(exc),
+                    "levels": [],
+                }
+                server.stop()
+                continue
+            started.append(server)
+            bodies[server.name] = bodies_for(server, images)
+            runs[server.name] = {
+                "server": server.name,
+                "task": server.task,
+                "model_id": server.model_id,
+                "config": server.describe(),
+                "start_s": round(time.perf_counter() - start, 1),
+                "answers": answers(server, bodies[server.name][: args.check_images]),
+                "idle_rss_mb": round(server.rss() / 2**20, 1),
+                "levels": [],
+            }
+            if "api" in runs and server.name != "api" and "answers" in runs["api"]:
+                runs[server.name]["agreement"] = compare(runs["api"]["answers"], runs[server.name]["answers"])
+                print(f"  agreement with this API: {runs[server.name]['agreement']}", flush=True)
+        samples: dict[tuple[str, int], list[dict]] = {}
+        for round_index in range(args.rounds):
+            for clients in args.clients:
+                shift = round_index % max(len(started), 1)
+                for server in started[shift:] + started[:shift]:
+                    sample = one_level(server, bodies[server.name], clients, args)
+                    samples.setdefault((server.name, clients), []).append(sample)
+                    ok = len(sample["latencies"]) - len(sample["errors"])
+                    print(
+                        f"  round {round_index + 1} {server.name:10} {SHORT[server.task]:12} {clients:4d} clients: "
+                        f"{ok / sample['elapsed']:7.1f} req/s, errors {len(sample['errors'])}, "
+                        f"CPU {1000 * sample['cpu_s'] / max(len(sample['latencies']), 1):.2f} ms/request, "
+                        f"load {sample['loadavg']}",
+                        flush=True,
+                    )
+        for server in started:
+            runs[server.name]["levels"] = [
+                summarise(clients, samples[(server.name, clients)]) for clients in args.clients
+            ]
     finally:
-        server.stop()
-    return result
+        for server in started:
+            server.stop()
+    return list(runs.values())
 
 
 # ---------------------------------------------------------------- report
@@ -636,18 +728,16 @@ def speedups(runs: list[dict], clients: int = 32) -> dict[str, float]:
 
 
 def table(runs: list[dict]) -> str:
-    lines = [
-        "| model | server | config | clients | req/s | p50 ms | p99 ms | errors | peak RSS MB | top-1 same as API |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = "| model | server | config | clients | req/s | p50 ms | p99 ms | errors | CPU ms/req | peak RSS MB | top-1 as API |"
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         agree = run.get("agreement")
         same = f"{agree['same_top1']}/{agree['images']}" if agree else "(reference)"
         for level in run["levels"]:
             lines.append(
-                f"| {SHORT[run['task']]} | {run['server']} | {run['config']} | {level['clients']} | "
-                f"{level['requests_per_s']:.1f} | {level['p50_ms']} | {level['p99_ms']} | {level['errors']} | "
-                f"{level['peak_rss_mb']:.0f} | {same} |"
+                f"| {SHORT[run['task']]} | {run['server']} | {run['config']} | {level['clients']} "
+                f"| {level['requests_per_s']:.1f} | {level['p50_ms']} | {level['p99_ms']} | {level['errors']} "
+                f"| {level['server_cpu_ms_per_request']} | {level['peak_rss_mb']:.0f} | {same} |"
             )
     return "\n".join(lines)
 
@@ -664,30 +754,19 @@ def main(argv: list[str] | None = None) -> int:
         if why:
             skipped[name] = why
             print(f"skipping {name}: {why}", flush=True)
-    servers = [name for name in args.servers if name not in skipped]
+    servers_ok = [name for name in args.servers if name not in skipped]
     failed = False
     for task in args.models:
         model_id = checkpoint_for(task, args)
         images = mnist_pngs(args.data_dir) if task == "mnist_lenet5" else hymenoptera_jpegs(args.data_dir)
         # this API first: its answers are the reference the peers are compared with
-        for name in sorted(servers, key=lambda n: n != "api"):
-            server = SERVER_CLASSES[name](args, task, model_id, args.port + PORT_OFFSET[name], workdir)
-            print(f"{name} serving {model_id} ({server.describe()})", flush=True)
-            try:
-                run = measure(server, images, args)
-            except Exception as exc:  # one broken peer must not lose the others' numbers
-                print(f"  {name} failed: {exc}", flush=True)
-                runs.append({"server": name, "task": task, "error": str(exc), "levels": []})
-                failed = True
-                continue
-            run["model_id"] = model_id
-            reference = next(
-                (r for r in runs if r["task"] == task and r["server"] == "api" and "answers" in r), None
-            )
-            if reference is not None and name != "api":
-                run["agreement"] = compare(reference["answers"], run["answers"])
-                print(f"  agreement with this API: {run['agreement']}", flush=True)
-            runs.append(run)
+        servers = [
+            SERVER_CLASSES[name](args, task, model_id, args.port + PORT_OFFSET[name], workdir)
+            for name in sorted(servers_ok, key=lambda n: n != "api")
+        ]
+        task_runs = measure_task(servers, images, args)
+        failed |= any("error" in run for run in task_runs)
+        runs.extend(task_runs)
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} CPUs, {round(psutil.virtual_memory().total / 2**30)} GiB",

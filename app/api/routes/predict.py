@@ -87,6 +87,8 @@ async def predict_image(
             f"the file is larger than the limit of {settings.max_upload_bytes} bytes (MAX_UPLOAD_BYTES)",
         )
     async with request.app.state.inference_slots:
+        if registry.runs_inline(model_id, task, len(data)):  # a light model: a thread hop costs more
+            return _classify(registry, settings, data, model_id, task, top_k, invert)
         return await run_in_threadpool(_classify, registry, settings, data, model_id, task, top_k, invert)
 
 
