@@ -128,12 +128,13 @@ class Settings(BaseSettings):
     )
 
     web_concurrency: int = Field(
-        default_factory=lambda: os.cpu_count() or 1,
+        default_factory=lambda: min(os.cpu_count() or 1, 8),
         ge=1,
         le=64,
         description=(
             "API processes (uvicorn workers) that scripts/up.sh and the Docker image start; default "
-            "the CPU count. Each process keeps its own loaded models (MODEL_CACHE_SIZE of them)."
+            "the CPU count, at most 8. Each process keeps its own loaded models (MODEL_CACHE_SIZE "
+            "of them) and has INFERENCE_CONCURRENCY slots."
         ),
     )
     inference_device: Literal["auto", "cpu", "cuda"] = Field(

@@ -75,7 +75,10 @@ start_api() {
   fi
   "$ROOT/scripts/down.sh" --quiet api || true
   port_free || refuse_port
-  nohup "$VENV/bin/uvicorn" app.main:create_app --factory --host "$HOST" --port "$PORT" \
+  # WEB_CONCURRENCY processes (default: the CPU count, at most 8), each with its own loaded models
+  local workers
+  workers="$("$PY" -c 'from core.config import get_settings; print(get_settings().web_concurrency)')"
+  nohup "$VENV/bin/uvicorn" app.main:create_app --factory --host "$HOST" --port "$PORT" --workers "$workers" \
     >>var/log/api.log 2>&1 &
   echo $! > var/run/api.pid
   echo "$PORT" > var/run/api.port

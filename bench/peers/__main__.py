@@ -257,10 +257,9 @@ class Server:
             return
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(20)
-        try:  # whatever is left of the group (TorchServe's Python workers, uvicorn's children)
+        # whatever is left of the group (TorchServe's Python workers, uvicorn's children)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.process.wait(10)
 
     stop_signal = signal.SIGTERM
@@ -326,9 +325,22 @@ class ApiServer(Server):
 
     def command(self) -> list[str]:
         workers = self.env["WEB_CONCURRENCY"]
-        return [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
-                "--port", str(self.port), "--workers", workers, "--log-level", "warning",
-                "--no-access-log"]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            workers,
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
 
     def ready(self) -> bool:
         try:
@@ -348,11 +360,34 @@ class LitServeServer(Server):
     stop_signal = signal.SIGINT
 
     def command(self) -> list[str]:
-        batch = ["--max-batch-size", str(self.args.batch_size),
-                 "--batch-timeout", str(self.args.batch_delay_ms / 1000)] if self.batching else []  # fmt: skip
-        return [sys.executable, "-m", "bench.peers.lit_server", "--models-dir", str(WORKDIR / "models"),
-                "--model-id", self.model_id, "--port", str(self.port), "--workers", str(self.args.workers),
-                "--threads", str(self.args.threads), "--accelerator", self.args.device, *batch]  # fmt: skip
+        batch = (
+            [
+                "--max-batch-size",
+                str(self.args.batch_size),
+                "--batch-timeout",
+                str(self.args.batch_delay_ms / 1000),
+            ]
+            if self.batching
+            else []
+        )
+        return [
+            sys.executable,
+            "-m",
+            "bench.peers.lit_server",
+            "--models-dir",
+            str(WORKDIR / "models"),
+            "--model-id",
+            self.model_id,
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.args.workers),
+            "--threads",
+            str(self.args.threads),
+            "--accelerator",
+            self.args.device,
+            *batch,
+        ]
 
     def ready(self) -> bool:
         try:
@@ -452,8 +487,17 @@ class TorchServeServer(Server):
             )
         )
         launcher = Path(sys.executable).with_name("torchserve")
-        return [str(launcher), "--start", "--foreground", "--ncs", "--disable-token-auth",
-                "--model-store", str(self.home / "store"), "--ts-config", str(self.home / "config.properties")]  # fmt: skip
+        return [
+            str(launcher),
+            "--start",
+            "--foreground",
+            "--ncs",
+            "--disable-token-auth",
+            "--model-store",
+            str(self.home / "store"),
+            "--ts-config",
+            str(self.home / "config.properties"),
+        ]
 
     def ready(self) -> bool:
         # /ping says Healthy while the Python worker crash-loops: wait for every worker READY
@@ -688,7 +732,8 @@ def measure_task(
                     samples.setdefault((server.name, clients), []).append(sample)
                     ok = len(sample["latencies"]) - len(sample["errors"])
                     print(
-                        f"  round {round_index + 1} {server.name:10} {SHORT[server.task]:12} {clients:4d} clients: "
+                        f"  round {round_index + 1} {server.name:10} {SHORT[server.task]:12} "
+                        f"{clients:4d} clients: "
                         f"{ok / sample['elapsed']:7.1f} req/s, errors {len(sample['errors'])}, "
                         f"CPU {1000 * sample['cpu_s'] / max(len(sample['latencies']), 1):.2f} ms/request, "
                         f"load {sample['loadavg']}",
@@ -728,7 +773,10 @@ def speedups(runs: list[dict], clients: int = 32) -> dict[str, float]:
 
 
 def table(runs: list[dict]) -> str:
-    header = "| model | server | config | clients | req/s | p50 ms | p99 ms | errors | CPU ms/req | peak RSS MB | top-1 as API |"
+    header = (
+        "| model | server | config | clients | req/s | p50 ms | p99 ms | errors | CPU ms/req | peak RSS MB "
+        "| top-1 as API |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         agree = run.get("agreement")
@@ -736,7 +784,8 @@ def table(runs: list[dict]) -> str:
         for level in run["levels"]:
             lines.append(
                 f"| {SHORT[run['task']]} | {run['server']} | {run['config']} | {level['clients']} "
-                f"| {level['requests_per_s']:.1f} | {level['p50_ms']} | {level['p99_ms']} | {level['errors']} "
+                f"| {level['requests_per_s']:.1f} | {level['p50_ms']} | {level['p99_ms']} "
+                f"| {level['errors']} "
                 f"| {level['server_cpu_ms_per_request']} | {level['peak_rss_mb']:.0f} | {same} |"
             )
     return "\n".join(lines)
