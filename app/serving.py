@@ -24,6 +24,7 @@ import logging
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -75,7 +76,8 @@ class OnnxBackend:
         height, width = preset.input_size
         example = torch.zeros(1, preset.channels, height, width)
         buffer = io.BytesIO()
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
             torch.onnx.export(
                 model.cpu().eval(),
                 (example,),
