@@ -20,4 +20,5 @@ for name in $NAMES; do
     [ -n "$QUIET" ] || echo "stopped $name ($pid)"
   fi
   rm -f "$pidfile"
+  if [ "$name" = api ]; then rm -f "$ROOT/var/run/api.port"; fi
 done

@@ -34,6 +34,15 @@ done
 if [ -z "$found" ]; then
   echo "warning: no datasets in DATA_DIR=$DATA_DIR; jobs will fail until you set DATA_DIR (or ALLOW_DOWNLOAD=true)" >&2
 fi
+weights="${RESNET18_WEIGHTS:-IMAGENET1K_V1}"
+hub_file="${TORCH_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/torch}/hub/checkpoints/resnet18-f37072fd.pth"
+if [ "${weights,,}" = imagenet1k_v1 ] && [ ! -f "$hub_file" ] && [ "${ALLOW_DOWNLOAD:-false}" != true ]; then
+  echo "warning: RESNET18_WEIGHTS=IMAGENET1K_V1 needs $hub_file, which is missing, and ALLOW_DOWNLOAD is off:" \
+    "hymenoptera_resnet18 jobs with weights=default will fail; pass \"weights\": \"none\", or set" \
+    "RESNET18_WEIGHTS=none (or local with RESNET18_WEIGHTS_FILE), or ALLOW_DOWNLOAD=true with internet" >&2
+elif [ "${weights,,}" = local ] && [ ! -f "${RESNET18_WEIGHTS_FILE:-}" ]; then
+  echo "warning: RESNET18_WEIGHTS=local but RESNET18_WEIGHTS_FILE=${RESNET18_WEIGHTS_FILE:-} is not a file" >&2
+fi
 export MODELS_DIR="${MODELS_DIR:-$ROOT/var/models}" CACHE_DIR="${CACHE_DIR:-$ROOT/var/cache}"
 WHAT="${1:-all}"
 case "$WHAT" in all|api|worker) ;; *) echo "usage: $0 [all|api|worker]" >&2; exit 2;; esac

@@ -68,6 +68,7 @@ def test_up_starts_a_local_only_stack_restarts_parts_and_down_stops_it(checkout,
     assert down.returncode == 0 and "stopped api" in down.stdout and "stopped worker" in down.stdout
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/healthz", timeout=2)
+    assert list((checkout / "var" / "run").iterdir()) == []  # no stale pid or port files
 
 
 def test_up_refuses_a_port_another_process_holds(checkout, env):
@@ -106,3 +107,16 @@ def test_down_never_kills_a_stranger_with_a_recycled_pid(checkout, env):
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_up_warns_when_the_resnet18_weights_need_an_impossible_download(checkout, env, tmp_path):
+    warned = {**env, "RESNET18_WEIGHTS": "IMAGENET1K_V1", "TORCH_HOME": str(tmp_path / "empty-torch-home")}
+    warned.pop("ALLOW_DOWNLOAD", None)
+    up = run_script(checkout, warned, "up.sh", "api")
+    assert up.returncode == 0, up.stderr
+    assert "RESNET18_WEIGHTS=IMAGENET1K_V1 needs" in up.stderr and "ALLOW_DOWNLOAD is off" in up.stderr
+    hub = tmp_path / "torch-home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / "resnet18-f37072fd.pth").write_bytes(b"cached")
+    quiet = run_script(checkout, {**warned, "TORCH_HOME": str(tmp_path / "torch-home")}, "up.sh", "api")
+    assert quiet.returncode == 0 and "RESNET18_WEIGHTS" not in quiet.stderr, quiet.stderr
