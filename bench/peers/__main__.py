@@ -96,6 +96,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="extra setting for this API (repeatable), e.g. INFERENCE_MAX_BATCH=1",
     )
+    parser.add_argument(
+        "--api-variant",
+        action="append",
+        default=[],
+        metavar="NAME:SETTING=VALUE,...",
+        help="also measure this API with these settings, as server api:NAME (repeatable), e.g. "
+        "before:WEB_CONCURRENCY=1,INFERENCE_BACKEND=torch",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="inference device")
     parser.add_argument(
         "--data-dir", type=Path, default=Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "datasets"))
@@ -302,9 +310,11 @@ class ApiServer(Server):
 
     name = "api"
 
-    def __init__(self, *a, **kw):
+    def __init__(self, *a, variant: str = "", settings: list[str] | None = None, **kw):
+        if variant:
+            self.name = f"api:{variant}"
         super().__init__(*a, **kw)
-        extra = dict(item.split("=", 1) for item in self.args.api_env)
+        extra = dict(item.split("=", 1) for item in [*self.args.api_env, *(settings or [])])
         self.env.update(
             {
                 "API_KEYS": "",
@@ -761,7 +771,9 @@ def speedups(runs: list[dict], clients: int = 32) -> dict[str, float]:
     out = {}
     for task in MODELS:
         ours = [level_of(r, clients) for r in runs if r["task"] == task and r["server"] == "api"]
-        peers = [level_of(r, clients) for r in runs if r["task"] == task and r["server"] != "api"]
+        peers = [
+            level_of(r, clients) for r in runs if r["task"] == task and not r["server"].startswith("api")
+        ]
         ours = [x for x in ours if x]
         peers = [x for x in peers if x]
         if ours and peers:
@@ -813,6 +825,12 @@ def main(argv: list[str] | None = None) -> int:
             SERVER_CLASSES[name](args, task, model_id, args.port + PORT_OFFSET[name], workdir)
             for name in sorted(servers_ok, key=lambda n: n != "api")
         ]
+        for index, spec in enumerate(args.api_variant):
+            variant, _, settings = spec.partition(":")
+            port = args.port + 10 + index
+            servers.append(
+                ApiServer(args, task, model_id, port, workdir, variant=variant, settings=settings.split(","))
+            )
         task_runs = measure_task(servers, images, args)
         failed |= any("error" in run for run in task_runs)
         runs.extend(task_runs)
