@@ -74,7 +74,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--wheels", type=Path, default=None, help="install missing packages from here first")
     parser.add_argument("--port", type=int, default=8790)
     parser.add_argument("--budget-s", type=float, default=470.0, help="whole run, seconds")
-    return parser.parse_args()
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a rehearsal on the CPU: 1 epoch on small subsets, short steps (checks the script, not the GPU)",
+    )
+    args = parser.parse_args()
+    args.device = "cpu" if args.smoke else "cuda"
+    return args
+
+
+def job_settings(hp: dict, smoke: bool) -> dict:
+    """The assignment's settings, or (``--smoke``) one epoch on a small subset."""
+    if not smoke:
+        return dict(hp)
+    return {**hp, "epochs": 1, "max_train_samples": 32 if hp.get("mode") else 512}
 
 
 def default_data_dir() -> Path:
@@ -165,7 +179,7 @@ def free_port(port: int) -> int:
 class ServiceStack:
     """Redis (if none answers), the API and one Celery worker on the GPU, under a private prefix."""
 
-    def __init__(self, data_dir: Path, port: int, workdir: Path):
+    def __init__(self, data_dir: Path, port: int, workdir: Path, device: str = "cuda"):
         self.workdir = workdir
         self.processes: list[subprocess.Popen] = []
         tag = uuid.uuid4().hex[:8]
@@ -181,8 +195,8 @@ class ServiceStack:
             "DATA_DIR": str(data_dir),
             "MODELS_DIR": str(workdir / "models"),
             "CACHE_DIR": str(workdir / "cache"),
-            "DEVICE": "cuda",
-            "INFERENCE_DEVICE": "cuda",
+            "DEVICE": device,
+            "INFERENCE_DEVICE": device,
             "RESNET18_WEIGHTS": "none",
             "PYTHONUNBUFFERED": "1",
         }
@@ -290,7 +304,7 @@ class ServiceStack:
                 process.kill()
 
 
-def train_service(stack: ServiceStack, deadline: float, data_dir: Path) -> list[dict]:
+def train_service(stack: ServiceStack, deadline: float, data_dir: Path, smoke: bool) -> list[dict]:
     import httpx
 
     rows = []
@@ -302,7 +316,8 @@ def train_service(stack: ServiceStack, deadline: float, data_dir: Path) -> list[
         if time.monotonic() > deadline:
             rows.append({"task": name, "skipped": "out of time"})
             continue
-        job = httpx.post(f"{stack.url}/jobs", json={"task": task, "hyperparameters": hp}, timeout=30).json()
+        body = {"task": task, "hyperparameters": job_settings(hp, smoke)}
+        job = httpx.post(f"{stack.url}/jobs", json=body, timeout=30).json()
         while True:
             record = httpx.get(f"{stack.url}/jobs/{job['id']}", timeout=30).json()
             if record["status"] in ("succeeded", "failed", "cancelled"):
@@ -361,7 +376,9 @@ def predict_once(url: str, task: str, model_id: str, data_dir: Path) -> str:
         return f"{type(exc).__name__}: {exc}"
 
 
-def train_direct(deadline: float, data_dir: Path, why: str, workdir: Path) -> list[dict]:
+def train_direct(
+    deadline: float, data_dir: Path, why: str, workdir: Path, device: str = "cuda", smoke: bool = False
+) -> list[dict]:
     import torch
 
     from worker.training import TrainingContext, run_training
@@ -376,7 +393,7 @@ def train_direct(deadline: float, data_dir: Path, why: str, workdir: Path) -> li
             rows.append({"task": name, "skipped": "out of time"})
             continue
         ctx = TrainingContext(
-            device=torch.device("cuda"),
+            device=torch.device(device),
             data_dir=data_dir,
             cache_dir=workdir / "cache",
             resnet18_weights="none",
@@ -384,7 +401,7 @@ def train_direct(deadline: float, data_dir: Path, why: str, workdir: Path) -> li
         )
         start = time.perf_counter()
         try:
-            result = run_training(task, dict(hp), ctx)
+            result = run_training(task, job_settings(hp, smoke), ctx)
             final = result.metrics[-1]
             accuracy = final.test_accuracy if final.test_accuracy is not None else final.val_accuracy
             status, error = "succeeded", None
@@ -396,7 +413,7 @@ def train_direct(deadline: float, data_dir: Path, why: str, workdir: Path) -> li
                 "task": name,
                 "via": f"run_training ({why})",
                 "status": status,
-                "device": "cuda",
+                "device": device,
                 "timings": ctx.timings,
                 "accuracy": accuracy,
                 "error": error,
@@ -435,8 +452,8 @@ def main() -> int:
         notes.append(install_wheels(args.wheels))
     env = environment()
     print(f"environment: {json.dumps(env)}", flush=True)
-    if not env["cuda"]:
-        print("no CUDA device: this check is for a GPU host", flush=True)
+    if not env["cuda"] and not args.smoke:
+        print("no CUDA device: this check is for a GPU host (--smoke rehearses it on the CPU)", flush=True)
         return 2
     result: dict = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -453,10 +470,10 @@ def main() -> int:
         why = f"missing packages {', '.join(env['missing_for_service'])}"
     rows: list[dict] = []
     if why is None:
-        stack = ServiceStack(data_dir, args.port, workdir)
+        stack = ServiceStack(data_dir, args.port, workdir, args.device)
         try:
             stack.start()
-            rows = train_service(stack, train_deadline, data_dir)
+            rows = train_service(stack, train_deadline, data_dir, args.smoke)
         except Exception as exc:
             why = f"service did not start: {exc}"
         finally:
@@ -464,7 +481,7 @@ def main() -> int:
     if why is not None:
         print(f"training with run_training directly: {why}", flush=True)
         try:
-            rows = train_direct(train_deadline, data_dir, why, workdir)
+            rows = train_direct(train_deadline, data_dir, why, workdir, args.device, args.smoke)
         except ImportError as exc:
             rows = [{"task": "all", "skipped": f"cannot import the training code: {exc}"}]
     result["training"] = rows
@@ -478,10 +495,11 @@ def main() -> int:
             "-m",
             "bench.benchmark",
             "--device",
-            "cuda",
+            args.device,
             "--skip-reference",
             "--data-dir",
             str(data_dir),
+            *(["--quick"] if args.smoke else []),
         ]
         steps["benchmark"] = run_step(command, min(left * 0.5, 180), workdir / "benchmark.log")
     # 4. ResNet18 serving side by side on the GPU
@@ -494,7 +512,7 @@ def main() -> int:
             "--models",
             "hymenoptera_resnet18",
             "--device",
-            "cuda",
+            args.device,
             "--clients",
             "1",
             "32",
