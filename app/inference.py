@@ -1,6 +1,6 @@
 """Serving: resolve a checkpoint, keep loaded models in an LRU cache, run one image through it.
 
-Preprocessing is the checkpoint's own preset (``models_store.presets.Preset``, stored in its
+Preprocessing is the checkpoint's own preset (``tasks.base.Preset``, stored in its
 metadata): the same ``to_uint8`` and ``normalize`` that built and evaluated its training data.
 New checkpoints are seen without a restart, since every request lists the store; a model is
 (re)loaded when its weights file changes, and loading verifies its sha256 first.
@@ -19,9 +19,9 @@ from PIL import Image
 
 from app.images import InvertChoice, should_invert, to_mode
 from app.serving import Backend, MicroBatcher, build_backend
-from models_store.architectures import build_model
 from models_store.checkpoint import CheckpointInfo, CheckpointInvalid, CheckpointStore, ModelNotFound
-from models_store.presets import Preset
+from tasks import get_task
+from tasks.base import Preset
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,11 @@ class ModelRegistry:
         self._load_locks: dict[str, threading.Lock] = {}
 
     def resolve(self, model_id: str | None, task: str | None) -> CheckpointInfo:
-        """The checkpoint to use: ``model_id`` if given, else the newest valid one of ``task``.
+        """The checkpoint to use: ``model_id`` if given, else the newest valid one of ``task``
+        (the caller gives at least one of them).
 
         Raises ``InvalidModelId``, ``ModelNotFound``, ``CheckpointInvalid``, ``ValueError``
-        (model_id of another task, or neither given).
+        (model_id of another task).
         """
         if model_id:
             info = self.store.get(model_id)
@@ -110,8 +111,6 @@ class ModelRegistry:
             if task and info.task != task:
                 raise ValueError(f"model {model_id} is a {info.task} model, not {task}")
             return info
-        if not task:
-            raise ValueError("give either task or model_id")
         info = self.store.newest(task)
         if info is None:
             raise ModelNotFound(f"no trained {task} model yet: submit a job with POST /jobs first")
@@ -143,7 +142,7 @@ class ModelRegistry:
     def _load(self, model_id: str) -> LoadedModel:
         tensors, meta = self.store.load(model_id)
         try:
-            model = build_model(meta["task"], meta["architecture"])
+            model = get_task(meta["task"]).build_model(meta["architecture"])
             model.load_state_dict(tensors, strict=True)
             preset = Preset.from_dict(meta["preset"])
             classes = list(meta["classes"])
@@ -189,10 +188,6 @@ class ModelRegistry:
         with self._lock:
             loaded = self._cache.get(model_id) if model_id else self._recent_by_task.get(task or "")
         return loaded is not None and loaded.light
-
-    def cached_ids(self) -> list[str]:
-        with self._lock:
-            return list(self._cache)
 
 
 def _forward_ms(backend: Backend, preset: Preset) -> float:

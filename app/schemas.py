@@ -2,84 +2,47 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from core.hyperparams import (
-    DenseHyperparameters,
-    LeNetHyperparameters,
-    ResNetHyperparameters,
-    TaskName,
-)
 from core.jobs import JobRecord
+from tasks import TaskName, get_task, list_tasks
+from tasks.base import Task
 
 
-class _JobCreateBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DenseJobCreate(_JobCreateBase):
-    """Train the hand-written dense net on CIFAR-10."""
-
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"task": "cifar10_dense", "hyperparameters": {"epochs": 2}}]}
-    )
-
-    task: Literal["cifar10_dense"] = Field(description="Task to train.")
-    hyperparameters: DenseHyperparameters = Field(
-        default_factory=DenseHyperparameters, description="Overrides of the task's defaults."
-    )
-
-
-class LeNetJobCreate(_JobCreateBase):
-    """Train LeNet-5 on MNIST."""
-
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"task": "mnist_lenet5", "hyperparameters": {"epochs": 10}}]}
-    )
-
-    task: Literal["mnist_lenet5"] = Field(description="Task to train.")
-    hyperparameters: LeNetHyperparameters = Field(
-        default_factory=LeNetHyperparameters, description="Overrides of the task's defaults."
+def _job_create(task: Task) -> type[BaseModel]:
+    """The ``POST /jobs`` body of one task: ``{"task": <name>, "hyperparameters": {...}}``, named
+    after its hyperparameters class (``LeNetHyperparameters`` -> ``LeNetJobCreate``)."""
+    name = task.hyperparameters.__name__.removesuffix("Hyperparameters") + "JobCreate"
+    example = {"task": task.name, "hyperparameters": task.example}
+    return create_model(
+        name,
+        __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [example]}),
+        __doc__=task.description,
+        __module__=__name__,
+        task=(Literal[task.name], Field(description="Task to train.")),
+        hyperparameters=(
+            task.hyperparameters,
+            Field(default_factory=task.hyperparameters, description="Overrides of the task's defaults."),
+        ),
     )
 
 
-class ResNetJobCreate(_JobCreateBase):
-    """Fine-tune ResNet18 (or train its new fc on frozen features) on hymenoptera."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {"task": "hymenoptera_resnet18", "hyperparameters": {"mode": "finetune", "weights": "none"}}
-            ]
-        }
-    )
-
-    task: Literal["hymenoptera_resnet18"] = Field(description="Task to train.")
-    hyperparameters: ResNetHyperparameters = Field(
-        default_factory=ResNetHyperparameters, description="Overrides of the task's defaults."
-    )
-
+JOB_CREATES: dict[str, type[BaseModel]] = {name: _job_create(get_task(name)) for name in list_tasks()}
 
 JobCreate = Annotated[
-    DenseJobCreate | LeNetJobCreate | ResNetJobCreate,
+    Union[tuple(JOB_CREATES.values())],  # noqa: UP007 (a union built from the registry)
     Field(discriminator="task", description="A training job: the task and optional hyperparameters."),
 ]
 
 JOB_CREATE_EXAMPLES: dict[str, dict[str, Any]] = {
-    "lenet": {
-        "summary": "LeNet-5 on MNIST, the assignment's settings",
-        "value": {"task": "mnist_lenet5", "hyperparameters": {"epochs": 10}},
-    },
-    "dense": {
-        "summary": "Dense net on CIFAR-10, quick run",
-        "value": {"task": "cifar10_dense", "hyperparameters": {"epochs": 2, "max_train_samples": 10000}},
-    },
-    "resnet": {
-        "summary": "ResNet18 feature extraction on hymenoptera",
-        "value": {"task": "hymenoptera_resnet18", "hyperparameters": {"mode": "feature_extraction"}},
-    },
+    example.key: {
+        "summary": example.summary,
+        "value": {"task": name, "hyperparameters": example.hyperparameters},
+    }
+    for name in list_tasks()
+    if (example := get_task(name).job_example) is not None
 }
 
 

@@ -30,7 +30,7 @@ from concurrent.futures import Future
 
 import torch
 
-from models_store.presets import Preset
+from tasks.base import Preset
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
-from core.hyperparams import parse_hyperparameters
-from models_store.architectures import LeNet5, resnet18_classifier
-from models_store.presets import PRESETS
-from worker.recipes.dense import PARAMS, dense_forward_backward, init_dense, sgd_update
+from tasks import get_task
+from tasks.cifar10_dense import PARAMS, dense_forward_backward, init_dense, sgd_update
+from tasks.hymenoptera_resnet18 import resnet18_classifier
+from tasks.mnist_lenet5 import LeNet5
 from worker.training import seeded_subset
 
 LOADER_SETTINGS = {  # (batch size from the hyperparameters, DataLoader workers) per the assignment
@@ -50,7 +50,7 @@ def extract_once(archive: Path, target: Path) -> Path:
 
 
 def _transform(task: str) -> transforms.Compose:
-    preset = PRESETS[task]
+    preset = get_task(task).preset
     steps = [transforms.Resize(preset.resize), transforms.CenterCrop(preset.crop)] if preset.crop else []
     return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(preset.mean, preset.std)])
 
@@ -78,7 +78,7 @@ def run_reference(
     on_epoch: Callable[[dict], None] = lambda m: None,
 ) -> dict:
     """Train ``task`` the assignment's way; returns {"metrics", "train_s", "train_images", "wall_s"}."""
-    hp = parse_hyperparameters(task, hyperparameters)
+    hp = get_task(task).parse_hyperparameters(hyperparameters)
     started = time.perf_counter()
     torch.manual_seed(hp.seed)
     train_set, eval_set = _datasets(task, data_dir, work_dir)

@@ -217,10 +217,6 @@ class Settings(BaseSettings):
                 "ENVIRONMENT=development to run without authentication"
             )
 
-    @property
-    def auth_enabled(self) -> bool:
-        return bool(self.api_keys)
-
 
 @lru_cache
 def get_settings() -> Settings:

@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field, ValidationError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from core.hyperparams import TaskName
+from tasks import TaskName
 
 log = logging.getLogger(__name__)
 

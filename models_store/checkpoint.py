@@ -25,11 +25,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Lock
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,127}$"
 _MODEL_ID_RE = re.compile(MODEL_ID_PATTERN)
@@ -161,6 +162,8 @@ class CheckpointStore:
             InvalidModelId, FileExistsError (id taken), OSError (disk full, unwritable directory).
             Nothing is left behind on failure.
         """
+        from safetensors.torch import save as save_safetensors  # torch: only where tensors are
+
         validate_model_id(model_id)
         cpu_tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
         weights = save_safetensors(cpu_tensors)
@@ -225,6 +228,8 @@ class CheckpointStore:
         The weights are hashed and parsed from the same bytes, so what is verified is what is
         loaded. Raises ``InvalidModelId``, ``ModelNotFound``, ``CheckpointInvalid``.
         """
+        from safetensors.torch import load as load_safetensors  # torch: only where tensors are
+
         info = self.get(model_id)
         if not info.metadata:
             raise CheckpointInvalid(f"model {model_id}: {info.error}")
@@ -320,10 +325,8 @@ class CheckpointStore:
         return error
 
     def _verify(self, info: CheckpointInfo) -> str | None:
-        meta = info.metadata
-        weights = meta.get("weights") if isinstance(meta, dict) else None
-        if not isinstance(weights, dict) or not {"sha256", "bytes"} <= weights.keys():
-            return "metadata.json has no weights sha256/bytes"
+        meta = info.metadata  # its shape is checked: weights has sha256 and bytes
+        weights = meta["weights"]
         if meta.get("model_id") != info.model_id:
             return f"metadata.json names model {meta.get('model_id')!r}, not {info.model_id!r}"
         try:

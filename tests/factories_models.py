@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from core.jobs import EpochMetrics, JobRecord, JobStatus
-from models_store.architectures import build_model
 from models_store.checkpoint import CheckpointStore
+from tasks import get_task
 from worker.runner import save_checkpoint
 from worker.training import TrainingContext, TrainingResult
 
@@ -28,7 +28,7 @@ def make_model_checkpoint(models_dir: Path, task: str = "mnist_lenet5", seed: in
     """Save a randomly initialised model of ``task`` as the worker would; returns its model id."""
     architecture, classes = ARCHITECTURES[task]
     torch.manual_seed(seed)
-    model = build_model(task, architecture)
+    model = get_task(task).build_model(architecture)
     if task == "cifar10_dense":
         for name in ("W1", "W2"):
             getattr(model, name).normal_(0, 0.1)

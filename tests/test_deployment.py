@@ -81,5 +81,5 @@ def test_dockerfile_pins_the_same_torch_as_pyproject():
     assert sorted(pins) == ["torch==2.14.1", "torchvision==0.29.1"]
     for pin in pins:
         assert pin in dockerfile
-    for package in ("app", "core", "models_store", "worker"):
+    for package in ("app", "core", "models_store", "tasks", "worker"):
         assert f"COPY {package} ./{package}" in dockerfile

@@ -1,14 +1,9 @@
-"""Datasets: find them under DATA_DIR in their standard layouts, decode once, cache as uint8.
+"""Datasets: decode a split once, cache it as uint8; ImageFolder trees (on disk or in a zip).
 
-Layouts looked for (first match wins):
-
-* ``mnist_lenet5``: torchvision's ``MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte`` (or
-  ``.gz``); downloaded with ``torchvision.datasets.MNIST`` when ALLOW_DOWNLOAD is set.
-* ``cifar10_dense``: torchvision's python batches ``cifar-10-batches-py/``, or an ImageFolder tree
-  ``cifar10-jpg/{train,test}/<class>/*`` or ``cifar10/...``, or a ``.zip`` of such a tree;
-  downloaded with ``torchvision.datasets.CIFAR10``.
-* ``hymenoptera_resnet18``: ``hymenoptera_data/{train,val}/<class>/*`` or ``hymenoptera_data.zip``;
-  downloaded from PyTorch's tutorial archive URL.
+Where a task's dataset is under DATA_DIR, and how its own formats are read (MNIST's IDX files,
+CIFAR-10's python batches), is the task's part (``Task.locate`` in ``tasks/<name>.py``): it
+returns a ``DatasetSource``. ImageFolder trees, which several tasks use, are read here
+(``find_image_folder``, ``ImageFolderSource``).
 
 Each split is decoded once through the task's preset (``Preset.to_uint8``) into a uint8 tensor of
 shape (N, C, H, W) and cached as safetensors under ``CACHE_DIR/datasets``, keyed by the source
@@ -18,15 +13,12 @@ loads it in well under a second. A worker process also keeps the last few splits
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
 import logging
 import multiprocessing as mp
 import os
-import pickle
-import shutil
 import tempfile
 import zipfile
 from collections import OrderedDict
@@ -35,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -43,19 +35,16 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from models_store.presets import PRESETS, Preset
+from tasks import get_task
+from tasks.base import Preset
+
+if TYPE_CHECKING:
+    from tasks.base import Task
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
-HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
-MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 _MEMORY_CACHE_SIZE = 4
 _memory_cache: OrderedDict[str, ImageDataset] = OrderedDict()
 _open_zips: dict[tuple, zipfile.ZipFile] = {}
@@ -89,12 +78,50 @@ class ImageDataset:
         return len(self.labels)
 
 
+class DatasetSource(Protocol):
+    """Where one dataset is, and how to read a split of it (a task's ``locate`` returns one).
+
+    Attributes:
+        kind: short name of the format (e.g. ``"folder"``, ``"mnist"``); part of the cache key.
+    """
+
+    kind: str
+
+    def fingerprint(self, split: str) -> str:
+        """What identifies the split's content: its files' paths, sizes and mtimes (see
+        ``file_fingerprint``), and anything else whose change must rebuild the cache."""
+        ...
+
+    def read(self, split: str, preset: Preset, check_stop: Callable[[], None]) -> ImageDataset:
+        """Decode the split: uint8 images (N, C, H, W) through ``preset`` (``Preset.to_uint8``).
+
+        ``check_stop`` is called between chunks and may raise. Raises ``DatasetCorrupt``.
+        """
+        ...
+
+
 @dataclass(frozen=True)
-class _FolderSource:
-    """An ImageFolder tree, on disk (``zip_path`` None) or inside a zip under ``root``."""
+class ImageFolderSource:
+    """An ImageFolder tree ``<root>/<split>/<class>/<image>``, on disk (``zip_path`` None) or
+    inside the zip ``zip_path`` under the prefix ``root`` (``""`` or ``"<name>/"``)."""
 
     root: str
     zip_path: str | None = None
+    kind = "folder"
+
+    def __str__(self) -> str:
+        return _describe(self)
+
+    def fingerprint(self, split: str) -> str:
+        if self.zip_path is not None:
+            return file_fingerprint([Path(self.zip_path)])
+        split_dir = Path(self.root) / split
+        files = sorted(p for p in split_dir.rglob("*") if p.is_file())
+        classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())  # empty folders count too
+        return file_fingerprint(files) + json.dumps(classes)
+
+    def read(self, split: str, preset: Preset, check_stop: Callable[[], None]) -> ImageDataset:
+        return _decode_folder(self, split, preset, check_stop)
 
 
 def load_split(
@@ -108,7 +135,7 @@ def load_split(
     """Load one split of ``task``'s dataset as uint8 tensors, from cache when possible.
 
     Args:
-        task: a task name of ``models_store.presets.PRESETS``.
+        task: a task name (``tasks.list_tasks()``).
         split: ``train`` or the preset's eval split (``test`` or ``val``).
         data_dir: DATA_DIR.
         cache_dir: CACHE_DIR; decoded splits go to ``cache_dir / "datasets"``.
@@ -119,15 +146,9 @@ def load_split(
         DatasetNotFound: nothing in any known layout (and download not allowed or failed).
         DatasetCorrupt: a file could not be decoded.
     """
-    preset = PRESETS[task]
-    data_dir = Path(data_dir)
-    locate = {
-        "mnist_lenet5": _locate_mnist,
-        "cifar10_dense": _locate_cifar10,
-        "hymenoptera_resnet18": _locate_hymenoptera,
-    }[task]
-    kind, source = locate(data_dir, split, allow_download)
-    key = _fingerprint(task, split, kind, source, preset)
+    spec = get_task(task)
+    source = spec.locate(Path(data_dir), split, allow_download)
+    key = _fingerprint(spec, split, source)
     if key in _memory_cache:
         _memory_cache.move_to_end(key)
         return _memory_cache[key]
@@ -135,7 +156,7 @@ def load_split(
     dataset = _read_cache(cache_file)
     if dataset is None:
         log.info("decoding %s %s from %s (cached afterwards in %s)", task, split, source, cache_file)
-        dataset = _decode(kind, source, split, preset, check_stop)
+        dataset = source.read(split, spec.preset, check_stop)
         _write_cache(cache_file, dataset)
     _memory_cache[key] = dataset
     while len(_memory_cache) > _MEMORY_CACHE_SIZE:
@@ -148,10 +169,10 @@ def clear_memory_cache() -> None:
     _memory_cache.clear()
 
 
-# Locating -----------------------------------------------------------------------------------
+# Locating (helpers for the tasks' ``locate``) -------------------------------------------------
 
 
-def _download(what: str, source: str, data_dir: Path, fetch: Callable[[], object]) -> None:
+def download(what: str, source: str, data_dir: Path, fetch: Callable[[], object]) -> None:
     """Run ``fetch``; any failure becomes a ``DatasetNotFound`` that says what was downloaded
     from where to where."""
     try:
@@ -163,80 +184,28 @@ def _download(what: str, source: str, data_dir: Path, fetch: Callable[[], object
         ) from exc
 
 
-def _locate_mnist(data_dir: Path, split: str, allow_download: bool) -> tuple[str, object]:
-    raw = data_dir / "MNIST" / "raw"
-    names = MNIST_FILES[split]
-    found = [_plain_or_gz(raw / name) for name in names]
-    if all(found):
-        return "mnist", tuple(str(p) for p in found)
-    if allow_download:
-        from torchvision.datasets import MNIST
-
-        _download(
-            "MNIST", "torchvision's MNIST mirrors", data_dir, lambda: MNIST(str(data_dir), download=True)
-        )
-        return _locate_mnist(data_dir, split, allow_download=False)
-    looked = ", ".join(str(raw / n) + "[.gz]" for n in names)
-    raise DatasetNotFound(
-        f"MNIST {split} split not found: looked for {looked}. Put torchvision's MNIST/raw files under "
-        "DATA_DIR or set ALLOW_DOWNLOAD=true"
-    )
-
-
-def _locate_cifar10(data_dir: Path, split: str, allow_download: bool) -> tuple[str, object]:
-    batches = data_dir / "cifar-10-batches-py"
-    if all((batches / name).is_file() for name in CIFAR_BATCHES[split]):
-        return "cifar_batches", str(batches)
-    looked = [str(batches)]
-    for name in ("cifar10-jpg", "cifar10"):
-        folder = _find_folder_source(data_dir, name, split)
-        looked += [str(data_dir / name), str(data_dir / f"{name}.zip")]
-        if folder is not None:
-            return "folder", folder
-    if allow_download:
-        from torchvision.datasets import CIFAR10
-
-        _download("CIFAR-10", CIFAR10.url, data_dir, lambda: CIFAR10(str(data_dir), download=True))
-        return _locate_cifar10(data_dir, split, allow_download=False)
-    raise DatasetNotFound(
-        f"CIFAR-10 {split} split not found: looked for torchvision batches in {looked[0]} and for "
-        f"an ImageFolder tree ({split}/<class>/*.jpg) in {', '.join(looked[1:])}. "
-        "Put one there or set ALLOW_DOWNLOAD=true"
-    )
-
-
-def _locate_hymenoptera(data_dir: Path, split: str, allow_download: bool) -> tuple[str, object]:
-    folder = _find_folder_source(data_dir, "hymenoptera_data", split)
-    if folder is not None:
-        return "folder", folder
-    if allow_download:
-        from torchvision.datasets.utils import download_and_extract_archive
-
-        _download(
-            "hymenoptera",
-            HYMENOPTERA_URL,
-            data_dir,
-            lambda: download_and_extract_archive(HYMENOPTERA_URL, download_root=str(data_dir)),
-        )
-        return _locate_hymenoptera(data_dir, split, allow_download=False)
-    raise DatasetNotFound(
-        f"hymenoptera {split} split not found: looked for {data_dir / 'hymenoptera_data'}/{split}/"
-        f"<class>/*.jpg and {data_dir / 'hymenoptera_data.zip'}. Put the official archive there "
-        "or set ALLOW_DOWNLOAD=true"
-    )
-
-
-def _plain_or_gz(path: Path) -> Path | None:
+def plain_or_gz(path: Path) -> Path | None:
+    """``path`` if it is a file, else ``path.gz`` if that is one, else None."""
     for candidate in (path, path.with_name(path.name + ".gz")):
         if candidate.is_file():
             return candidate
     return None
 
 
-def _find_folder_source(data_dir: Path, name: str, split: str) -> _FolderSource | None:
-    """``<name>/<split>/`` as a directory, else ``<name>.zip`` holding ``[<top>/]<split>/``."""
+def file_fingerprint(paths: list[Path]) -> str:
+    """One line per file: path, size in bytes and mtime in ns. Raises ``OSError``."""
+    lines = []
+    for path in paths:
+        stat = path.stat()
+        lines.append(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n")
+    return "".join(lines)
+
+
+def find_image_folder(data_dir: Path, name: str, split: str) -> ImageFolderSource | None:
+    """``<name>/<split>/`` as a directory, else ``<name>.zip`` holding ``[<name>/]<split>/``;
+    None if neither. Raises ``DatasetCorrupt`` for a zip that cannot be opened."""
     if (data_dir / name / split).is_dir():
-        return _FolderSource(root=str(data_dir / name))
+        return ImageFolderSource(root=str(data_dir / name))
     zip_path = data_dir / f"{name}.zip"
     if zip_path.is_file():
         try:
@@ -245,11 +214,11 @@ def _find_folder_source(data_dir: Path, name: str, split: str) -> _FolderSource 
             raise DatasetCorrupt(f"{zip_path} is not a valid zip file: {exc}") from exc
         for root in (f"{name}/", ""):
             if any(n.startswith(f"{root}{split}/") for n in names):
-                return _FolderSource(root=root, zip_path=str(zip_path))
+                return ImageFolderSource(root=root, zip_path=str(zip_path))
     return None
 
 
-def _folder_members(source: _FolderSource, split: str) -> tuple[list[str], list[tuple[str, int]]]:
+def _folder_members(source: ImageFolderSource, split: str) -> tuple[list[str], list[tuple[str, int]]]:
     """ImageFolder's rules: classes = sorted subfolders, files with IMG_EXTENSIONS, sorted."""
     by_class: dict[str, list[str]] = {}
     if source.zip_path is None:
@@ -295,33 +264,18 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
-def _describe(source: _FolderSource) -> str:
+def _describe(source: ImageFolderSource) -> str:
     return f"{source.zip_path}:{source.root or '/'}" if source.zip_path else source.root
 
 
 # Fingerprint and cache ----------------------------------------------------------------------
 
 
-def _fingerprint(task: str, split: str, kind: str, source: object, preset: Preset) -> str:
+def _fingerprint(task: Task, split: str, source: DatasetSource) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps([CACHE_FORMAT, task, split, kind, preset.to_dict()]).encode())
-    for path in _source_files(kind, source, split):
-        stat = path.stat()
-        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    if kind == "folder" and source.zip_path is None:  # class folders count, even empty ones
-        split_dir = Path(source.root) / split
-        digest.update(json.dumps(sorted(p.name for p in split_dir.iterdir() if p.is_dir())).encode())
+    digest.update(json.dumps([CACHE_FORMAT, task.name, split, source.kind, task.preset.to_dict()]).encode())
+    digest.update(source.fingerprint(split).encode())
     return digest.hexdigest()[:16]
-
-
-def _source_files(kind: str, source: object, split: str) -> list[Path]:
-    if kind == "mnist":
-        return [Path(p) for p in source]
-    if kind == "cifar_batches":
-        return [Path(source) / name for name in [*CIFAR_BATCHES[split], "batches.meta"]]
-    if source.zip_path is not None:
-        return [Path(source.zip_path)]
-    return sorted(p for p in (Path(source.root) / split).rglob("*") if p.is_file())
 
 
 def _read_cache(cache_file: Path) -> ImageDataset | None:
@@ -360,90 +314,8 @@ def _write_cache(cache_file: Path, dataset: ImageDataset) -> None:
 # Decoding -----------------------------------------------------------------------------------
 
 
-def _decode(
-    kind: str, source: object, split: str, preset: Preset, check_stop: Callable[[], None]
-) -> ImageDataset:
-    if kind == "mnist":
-        return _decode_mnist(source)
-    if kind == "cifar_batches":
-        return _decode_cifar_batches(Path(source), split)
-    return _decode_folder(source, split, preset, check_stop)
-
-
-def _decode_mnist(paths: tuple[str, str]) -> ImageDataset:
-    images_path, labels_path = paths
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            images = read_image_file(_ungzipped(images_path, tmp))
-            labels = read_label_file(_ungzipped(labels_path, tmp))
-    except (AssertionError, ValueError, TypeError, RuntimeError, OSError) as exc:
-        raise DatasetCorrupt(f"unreadable MNIST IDX file {images_path} / {labels_path}: {exc}") from exc
-    if len(images) != len(labels):
-        raise DatasetCorrupt(f"{images_path} has {len(images)} images but {labels_path} {len(labels)} labels")
-    return ImageDataset(
-        images=images.unsqueeze(1).contiguous(),
-        labels=labels.long(),
-        classes=[str(d) for d in range(10)],
-        source=images_path,
-    )
-
-
-def _ungzipped(path: str, tmp_dir: str) -> str:
-    if not path.endswith(".gz"):
-        return path
-    out = os.path.join(tmp_dir, os.path.basename(path)[:-3])
-    with gzip.open(path, "rb") as src, open(out, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    return out
-
-
-class _BatchUnpickler(pickle.Unpickler):
-    """Unpickles CIFAR-10 python batches without executing arbitrary code: only the numpy
-    array reconstruction that the official files contain is allowed."""
-
-    _ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset(
-        {
-            ("numpy.core.multiarray", "_reconstruct"),
-            ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy", "ndarray"),
-            ("numpy", "dtype"),
-            ("_codecs", "encode"),
-        }
-    )
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module.replace("numpy.core.", "numpy._core."), name)
-        raise pickle.UnpicklingError(f"CIFAR batch refers to {module}.{name}, which is not allowed")
-
-
-def _load_cifar_batch(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            return _BatchUnpickler(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, OSError, ValueError) as exc:
-        raise DatasetCorrupt(f"unreadable CIFAR-10 batch {path}: {exc}") from exc
-
-
-def _decode_cifar_batches(folder: Path, split: str) -> ImageDataset:
-    images, labels = [], []
-    for name in CIFAR_BATCHES[split]:
-        batch = _load_cifar_batch(folder / name)
-        data = np.asarray(batch["data"], dtype=np.uint8)
-        images.append(data.reshape(-1, 3, 32, 32))
-        labels.extend(batch["labels"] if "labels" in batch else batch["fine_labels"])
-    meta = _load_cifar_batch(folder / "batches.meta") if (folder / "batches.meta").is_file() else {}
-    classes = list(meta.get("label_names", [str(i) for i in range(10)]))
-    return ImageDataset(
-        images=torch.from_numpy(np.concatenate(images)).contiguous(),
-        labels=torch.tensor(labels, dtype=torch.int64),
-        classes=classes,
-        source=str(folder),
-    )
-
-
 def _decode_folder(
-    source: _FolderSource, split: str, preset: Preset, check_stop: Callable[[], None]
+    source: ImageFolderSource, split: str, preset: Preset, check_stop: Callable[[], None]
 ) -> ImageDataset:
     classes, members = _folder_members(source, split)
     if not members:
@@ -494,7 +366,7 @@ def _child_processes_allowed() -> Iterator[None]:
             config["daemon"] = was_daemon
 
 
-def _decode_chunk(source: _FolderSource, names: list[str], preset_dict: dict) -> np.ndarray:
+def _decode_chunk(source: ImageFolderSource, names: list[str], preset_dict: dict) -> np.ndarray:
     """Decode images with Pillow and the preset: uint8 array (len(names), C, H, W)."""
     preset = Preset.from_dict(preset_dict)
     height, width = preset.input_size

@@ -19,7 +19,7 @@ import torchvision
 from core.config import Settings
 from core.jobs import TERMINAL_STATUSES, JobRecord, JobStatus, JobStore, redis_client
 from models_store.checkpoint import CheckpointStore
-from models_store.presets import PRESETS
+from tasks import get_task
 from worker.resume import ResumeStore
 from worker.training import StopTraining, TrainingContext, TrainingResult, run_training
 
@@ -183,7 +183,7 @@ def save_checkpoint(
         "job_id": record.id,
         "created_at": datetime.now(UTC).isoformat(),
         "classes": result.classes,
-        "preset": PRESETS[record.task].to_dict(),
+        "preset": get_task(record.task).preset.to_dict(),
         "architecture": result.architecture,
         "hyperparameters": record.hyperparameters,
         "metrics": {

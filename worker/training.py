@@ -1,11 +1,12 @@
-"""The training loop shared by the three recipes, the Celery task and the benchmark.
+"""The training loop shared by every task's recipe, the Celery task and the benchmark.
 
-``run_training(task, hyperparameters, ctx)`` is a plain function: it loads the data, builds the
-recipe, resumes from the job's last finished epoch when resume state exists, trains epoch by
-epoch (reporting progress and checking for a stop request at batch boundaries) and returns the
-tensors and metadata of the checkpoint to save. The Celery task (``worker.tasks``) and the
-benchmark (``bench/benchmark.py``) both call it, so the benchmark measures the code the worker
-runs.
+``run_training(task, hyperparameters, ctx)`` is a plain function: it looks the task up in the
+registry (``tasks.get_task``; each task's recipe lives in its ``tasks/<name>.py``), builds the
+recipe, which loads the data, resumes from the job's last finished epoch when resume state
+exists, trains epoch by epoch (reporting progress and checking for a stop request at batch
+boundaries) and returns the tensors and metadata of the checkpoint to save. The Celery task
+(``worker.tasks``) and the benchmark (``bench/benchmark.py``) both call it, so the benchmark
+measures the code the worker runs.
 
 Hot-loop rules (CPU and GPU): the dataset lives on the training device as uint8; batches are drawn
 by index from a seeded permutation and normalised on the batch; loss and accuracy accumulate on
@@ -26,9 +27,9 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from core.hyperparams import Hyperparameters, parse_hyperparameters
 from core.jobs import EpochMetrics, JobProgress
-from models_store.presets import PRESETS, Preset
+from tasks import get_task
+from tasks.base import Hyperparameters, Preset
 from worker.data import DatasetCorrupt, ImageDataset, load_split
 from worker.resume import ResumeState, ResumeStore
 
@@ -152,7 +153,7 @@ class TrainingResult:
 
 
 class Recipe(Protocol):
-    """One task's training steps; see ``worker.recipes``."""
+    """One task's training steps: ``Task.recipe``, e.g. ``LeNetRecipe`` in ``tasks/mnist_lenet5.py``."""
 
     classes: list[str]
     train_size: int
@@ -169,10 +170,12 @@ class BatchLoop:
     """Shuffled index batches of one epoch, with progress reports and stop checks.
 
     Args:
+        ctx: the training context: index tensors go to ``ctx.device``; progress goes to
+            ``ctx.on_progress`` and stop checks to ``ctx.check_stop``.
         n: images in the training set.
         batch_size: images per batch; the last batch may be smaller (DataLoader's default).
         generator: seeded CPU generator; its state is part of the resume state.
-        device: where the index tensors go.
+        epoch: 0-based index of this epoch; epochs: the number of epochs (for progress).
     """
 
     def __init__(
@@ -262,35 +265,30 @@ def evaluate_accuracy(
     return correct.item() / max(len(labels), 1)
 
 
-def recipe_for(task: str, hp: Hyperparameters, ctx: TrainingContext) -> Recipe:
-    from worker.recipes import RECIPES
-
-    return RECIPES[task](hp, ctx)
-
-
 def run_training(task: str, hyperparameters: dict | Hyperparameters, ctx: TrainingContext) -> TrainingResult:
     """Train ``task`` to completion (or until stopped) and return what to checkpoint.
 
     Args:
-        task: a task name.
-        hyperparameters: dict (validated here) or a parsed hyperparameters model.
+        task: a task name (``tasks.list_tasks()``).
+        hyperparameters: dict (validated here) or the task's parsed hyperparameters model.
         ctx: the surroundings (device, data, callbacks, resume store).
 
     Raises:
+        ValueError: unknown task; pydantic.ValidationError: invalid hyperparameters.
         StopTraining: the job was cancelled or lost its lease (resume state is kept).
         worker.data.DatasetNotFound, DatasetCorrupt, OSError, RuntimeError (e.g. CUDA OOM).
     """
+    spec = get_task(task)
     hp = (
         hyperparameters
         if not isinstance(hyperparameters, dict)
-        else parse_hyperparameters(task, hyperparameters)
+        else spec.parse_hyperparameters(hyperparameters)
     )
-    preset = PRESETS[task]
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     torch.manual_seed(hp.seed)
     ctx.on_progress(JobProgress(epochs=hp.epochs, stage="loading_data"))
-    recipe = recipe_for(task, hp, ctx)
+    recipe: Recipe = spec.recipe(hp, ctx)
     recipe.setup()
     ctx.check_stop(force=True)
     generator = torch.Generator().manual_seed(hp.seed)
@@ -306,7 +304,7 @@ def run_training(task: str, hyperparameters: dict | Hyperparameters, ctx: Traini
     loop = None
     for epoch in range(start_epoch, hp.epochs):
         loop = BatchLoop(ctx, recipe.train_size, hp.batch_size, generator, epoch, hp.epochs)
-        metrics.append(_run_epoch(recipe, hp, ctx, preset, loop, epoch))
+        metrics.append(_run_epoch(recipe, hp, ctx, spec.eval_split, loop, epoch))
         _check_finite(metrics[-1])
         ctx.on_epoch(metrics)
         if ctx.resume and epoch + 1 < hp.epochs:
@@ -340,7 +338,7 @@ def _run_epoch(
     recipe: Recipe,
     hp: Hyperparameters,
     ctx: TrainingContext,
-    preset: Preset,
+    eval_split: str,
     loop: BatchLoop,
     epoch: int,
 ) -> EpochMetrics:
@@ -362,7 +360,7 @@ def _run_epoch(
         train_accuracy=round(stats.accuracy, 6),
         duration_s=round(time.perf_counter() - start, 3),
         images_per_s=round(stats.images / max(train_s, 1e-9), 1),
-        **{f"{preset.eval_split}_accuracy": round(accuracy, 6)},
+        **{f"{eval_split}_accuracy": round(accuracy, 6)},
     )
     log.info(
         "epoch %d/%d: loss %.4f train acc %.4f %s acc %.4f, %.0f img/s",
@@ -370,7 +368,7 @@ def _run_epoch(
         hp.epochs,
         result.train_loss,
         result.train_accuracy,
-        preset.eval_split,
+        eval_split,
         accuracy,
         result.images_per_s,
     )

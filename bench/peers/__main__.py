@@ -134,7 +134,7 @@ def checkpoint_for(task: str, args: argparse.Namespace) -> str:
                 return info.model_id
     import torch
 
-    from models_store.presets import PRESETS
+    from tasks import get_task
     from worker.training import TrainingContext, run_training
 
     print(f"training a {task} checkpoint with run_training ({TRAIN[task]})", flush=True)
@@ -156,7 +156,7 @@ def checkpoint_for(task: str, args: argparse.Namespace) -> str:
             "task": task,
             "created_at": datetime.now(UTC).isoformat(),
             "classes": result.classes,
-            "preset": PRESETS[task].to_dict(),
+            "preset": get_task(task).preset.to_dict(),
             "architecture": result.architecture,
             "hyperparameters": TRAIN[task],
             "metrics": {"final": final.model_dump(), "epochs": [m.model_dump() for m in result.metrics]},

@@ -24,7 +24,7 @@ def checkout(tmp_path):
     root = tmp_path / "checkout"
     root.mkdir()
     shutil.copytree(REPO / "scripts", root / "scripts")
-    for name in ("app", "worker", "core", "models_store", "pyproject.toml", ".venv"):
+    for name in ("app", "worker", "core", "models_store", "tasks", "pyproject.toml", ".venv"):
         (root / name).symlink_to(REPO / name)
     yield root
     subprocess.run([root / "scripts" / "down.sh", "--quiet"], check=False, timeout=60)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tasks import hymenoptera_resnet18
 from tests.factories import CIFAR_CLASSES, make_cifar_batches, make_hymenoptera, make_image_folder, make_mnist
 from worker import data as data_module
 from worker.data import DatasetCorrupt, DatasetNotFound, clear_memory_cache, load_split
@@ -85,10 +86,10 @@ def test_hymenoptera_folder_goes_through_resize_and_crop(tmp_path):
     assert train.images.shape == (6, 3, 224, 224)
     assert train.classes == ["ants", "bees"]
     first = sorted((tmp_path / "hymenoptera_data" / "train" / "ants").glob("*.jpg"))[0]
-    from models_store.presets import PRESETS
+    from tasks import get_task
 
     with Image.open(first) as image:
-        expected = PRESETS["hymenoptera_resnet18"].to_uint8(image)
+        expected = get_task("hymenoptera_resnet18").preset.to_uint8(image)
     assert torch.equal(train.images[0], expected)
 
 
@@ -128,7 +129,7 @@ def test_cache_is_written_once_and_reused(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again although the cache is there")
 
-    monkeypatch.setattr(data_module, "_decode", no_decoding)
+    monkeypatch.setattr(data_module, "_decode_folder", no_decoding)
     second = load_split("cifar10_dense", "train", tmp_path, tmp_path / "cache")
     assert torch.equal(first.images, second.images) and first.classes == second.classes
 
@@ -194,7 +195,7 @@ def test_failed_download_says_what_from_where(tmp_path, monkeypatch):
     """ALLOW_DOWNLOAD with the archive unreachable (here: a closed local port, so no internet is
     needed): the job's error names the dataset, the URL and DATA_DIR."""
     url = "http://127.0.0.1:9/hymenoptera_data.zip"
-    monkeypatch.setattr(data_module, "HYMENOPTERA_URL", url)
+    monkeypatch.setattr(hymenoptera_resnet18, "HYMENOPTERA_URL", url)
     with pytest.raises(
         DatasetNotFound, match=r"hymenoptera is not in DATA_DIR=.* downloading it from http://127"
     ):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.recipes.dense import PARAMS, dense_forward_backward, init_dense, sgd_update
+from tasks.cifar10_dense import PARAMS, dense_forward_backward, init_dense, sgd_update
 
 
 def _batch(n=8, d=12, k=4, seed=0):

@@ -8,13 +8,14 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from models_store.presets import PRESETS, Preset
+from tasks import get_task, list_tasks
+from tasks.base import Preset
 
 
-@pytest.mark.parametrize("task", list(PRESETS))
+@pytest.mark.parametrize("task", list_tasks())
 def test_normalize_matches_to_tensor_then_normalize(task):
     """The assignment's per-sample pipeline on a PIL image == our uint8 cache + batch normalize."""
-    preset = PRESETS[task]
+    preset = get_task(task).preset
     rng = np.random.default_rng(0)
     h, w = (300, 400) if preset.crop else preset.input_size
     shape = (h, w) if preset.mode == "L" else (h, w, 3)
@@ -28,7 +29,7 @@ def test_normalize_matches_to_tensor_then_normalize(task):
 
 
 def test_resnet_preset_is_resize_256_center_crop_224():
-    preset = PRESETS["hymenoptera_resnet18"]
+    preset = get_task("hymenoptera_resnet18").preset
     rng = np.random.default_rng(1)
     image = Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8))
     reference = transforms.Compose(
@@ -41,11 +42,11 @@ def test_resnet_preset_is_resize_256_center_crop_224():
 
 def test_small_presets_resize_other_sizes_and_convert_mode():
     rgb = Image.new("RGB", (64, 40), (200, 10, 10))
-    assert PRESETS["mnist_lenet5"].to_uint8(rgb).shape == (1, 28, 28)
-    assert PRESETS["cifar10_dense"].to_uint8(rgb).shape == (3, 32, 32)
+    assert get_task("mnist_lenet5").preset.to_uint8(rgb).shape == (1, 28, 28)
+    assert get_task("cifar10_dense").preset.to_uint8(rgb).shape == (3, 32, 32)
 
 
-@pytest.mark.parametrize("task", list(PRESETS))
+@pytest.mark.parametrize("task", list_tasks())
 def test_round_trip_through_metadata(task):
-    preset = PRESETS[task]
+    preset = get_task(task).preset
     assert Preset.from_dict(preset.to_dict()) == preset

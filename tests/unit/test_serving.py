@@ -14,14 +14,14 @@ from PIL import Image
 from app.inference import ModelRegistry, infer, predict
 from app.serving import PARITY_ATOL, MicroBatcher, OnnxBackend, TorchBackend, build_backend, parity_difference
 from models_store.checkpoint import CheckpointStore
-from models_store.presets import PRESETS
+from tasks import get_task
 from tests.factories_models import make_model_checkpoint
 
 TASKS = ["mnist_lenet5", "cifar10_dense", "hymenoptera_resnet18"]
 
 
 def _images(task: str, n: int, seed: int = 0) -> torch.Tensor:
-    preset = PRESETS[task]
+    preset = get_task(task).preset
     height, width = preset.input_size
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, preset.channels, height, width), generator=generator, dtype=torch.uint8)
@@ -44,7 +44,7 @@ def test_onnx_runtime_matches_pytorch_for_every_task(tmp_path, task):
 
 
 def test_a_backend_that_disagrees_with_pytorch_is_not_used(monkeypatch):
-    preset = PRESETS["mnist_lenet5"]
+    preset = get_task("mnist_lenet5").preset
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10)).eval()
 
     class Wrong(OnnxBackend):

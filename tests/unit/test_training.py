@@ -51,7 +51,7 @@ def test_resnet_recipe_runs_both_modes(tmp_path, synthetic_data_dir, mode):
 
 
 def test_feature_extraction_trains_only_fc_and_recalibrates_batchnorm(tmp_path, synthetic_data_dir):
-    from models_store.architectures import resnet18_classifier
+    from tasks.hymenoptera_resnet18 import resnet18_classifier
 
     torch.manual_seed(0)
     initial_model = resnet18_classifier(2)

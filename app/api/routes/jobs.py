@@ -9,9 +9,9 @@ from fastapi import APIRouter, Body, Depends, Header, HTTPException, Path, Query
 
 from app.api.deps import CeleryDep, JobStoreDep
 from app.schemas import JOB_CREATE_EXAMPLES, JobCreate, JobPublic, JobsPublic, error_responses
-from core.hyperparams import TaskName
 from core.jobs import IdempotencyConflict, JobStatus, request_hash
 from core.queue import enqueue_training
+from tasks import TaskName
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Path, Query
 
 from app.api.deps import CheckpointsDep
 from app.schemas import ModelPublic, ModelsPublic, error_responses
-from core.hyperparams import TaskName
 from models_store.checkpoint import CheckpointInfo
+from tasks import TaskName
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -17,7 +17,7 @@ ModelId = Annotated[str, Path(max_length=128, description="Model id, as listed b
 
 
 def model_public(info: CheckpointInfo) -> ModelPublic:
-    meta = info.metadata if isinstance(info.metadata, dict) else {}
+    meta = info.metadata
     return ModelPublic(
         id=info.model_id,
         task=meta.get("task"),

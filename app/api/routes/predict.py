@@ -16,9 +16,9 @@ from app.inference import ModelRegistry, predict
 from app.metrics import PREDICTION_SECONDS
 from app.schemas import ClassProbability, PredictionPublic, error_responses
 from core.config import Settings
-from core.hyperparams import TaskName
 from models_store.checkpoint import MODEL_ID_PATTERN
-from models_store.presets import Preset
+from tasks import TaskName
+from tasks.base import Preset
 
 router = APIRouter(tags=["predict"])
 

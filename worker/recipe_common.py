@@ -1,4 +1,4 @@
-"""Pieces shared by the recipes: a split on the training device and the autograd SGD epoch."""
+"""Pieces the tasks' recipes share: a split on the training device and the autograd SGD epoch."""
 
 from __future__ import annotations
 

@@ -11,6 +11,8 @@
 
 Inputs use the task preset: Resize(256), CenterCrop(224), ImageNet mean/std, for train and val.
 The model is channels-last on every device (``build_model``), in training and serving alike.
+
+The whole task is here: hyperparameters, preset, network, dataset location, recipe.
 """
 
 from __future__ import annotations
@@ -19,24 +21,129 @@ import hashlib
 import logging
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import ConfigDict, Field
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torchvision.models import resnet18
 
-from core.hyperparams import ResNetHyperparameters
 from core.jobs import JobProgress
-from models_store.architectures import build_model
-from models_store.presets import PRESETS
+from tasks.base import Hyperparameters, JobExample, Preset, Task
+from worker.data import DatasetNotFound, ImageFolderSource, download, find_image_folder
 from worker.pretrained import load_backbone, resolve_weights
-from worker.recipes.common import DeviceSplit, sgd_epoch
+from worker.recipe_common import DeviceSplit, sgd_epoch
 from worker.training import BatchLoop, EpochStats, TrainingContext, evaluate_accuracy
 
 log = logging.getLogger(__name__)
 
-TASK = "hymenoptera_resnet18"
+NAME = "hymenoptera_resnet18"
 EVAL_BATCH = 64
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision ResNet18_Weights.IMAGENET1K_V1 transforms
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
+
+
+class ResNetHyperparameters(Hyperparameters):
+    """ResNet18 transfer learning on hymenoptera (ants/bees)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "epochs": 10,
+                    "batch_size": 16,
+                    "lr": 0.001,
+                    "mode": "feature_extraction",
+                    "weights": "default",
+                }
+            ]
+        }
+    )
+
+    epochs: int = Field(10, ge=1, le=200, description="Passes over the training set.")
+    batch_size: int = Field(16, ge=1, le=256, description="Images per SGD step.")
+    lr: float = Field(1e-3, gt=0, le=10, description="Initial learning rate.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="SGD weight decay (L2).")
+    lr_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="lr multiplier every lr_step_size epochs (PyTorch's tutorial: 0.1 every 7).",
+    )
+    mode: Literal["finetune", "feature_extraction"] = Field(
+        "finetune",
+        description=(
+            "`finetune`: all weights train. `feature_extraction`: the backbone is frozen (eval mode), "
+            "its features are computed once per image and only the new fc layer trains."
+        ),
+    )
+    weights: Literal["default", "IMAGENET1K_V1", "local", "none"] = Field(
+        "default",
+        description=(
+            "Initial backbone weights: `default` = the server's RESNET18_WEIGHTS setting, "
+            "`IMAGENET1K_V1` = torchvision's ImageNet weights, `local` = RESNET18_WEIGHTS_FILE, "
+            "`none` = random init."
+        ),
+    )
+
+
+PRESET = Preset(
+    task=NAME, mode="RGB", resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, eval_split="val"
+)
+
+
+# Network -------------------------------------------------------------------------------------
+
+
+def resnet18_classifier(num_classes: int = 2) -> nn.Module:
+    """torchvision ResNet18 (random init) with ``fc`` replaced by Linear(512, num_classes).
+
+    Input (N, 3, 224, 224) float32, output logits (N, num_classes).
+    """
+    model = resnet18(weights=None)
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+def build_model(architecture: dict) -> nn.Module:
+    """resnet18_classifier(**architecture) in channels-last memory format, in training and serving
+    alike (cuDNN's and oneDNN's channels-last kernels are faster; one layout everywhere keeps
+    served probabilities bitwise equal to the ones evaluation computed). Raises ``TypeError``
+    for unexpected keys."""
+    return resnet18_classifier(**architecture).to(memory_format=torch.channels_last)
+
+
+# Dataset -------------------------------------------------------------------------------------
+
+
+def locate(data_dir: Path, split: str, allow_download: bool) -> ImageFolderSource:
+    """``hymenoptera_data/{train,val}/<class>/*`` or ``hymenoptera_data.zip``; downloaded from
+    PyTorch's tutorial archive URL when allowed. Raises ``DatasetNotFound``."""
+    folder = find_image_folder(data_dir, "hymenoptera_data", split)
+    if folder is not None:
+        return folder
+    if allow_download:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        download(
+            "hymenoptera",
+            HYMENOPTERA_URL,
+            data_dir,
+            lambda: download_and_extract_archive(HYMENOPTERA_URL, download_root=str(data_dir)),
+        )
+        return locate(data_dir, split, allow_download=False)
+    raise DatasetNotFound(
+        f"hymenoptera {split} split not found: looked for {data_dir / 'hymenoptera_data'}/{split}/"
+        f"<class>/*.jpg and {data_dir / 'hymenoptera_data.zip'}. Put the official archive there "
+        "or set ALLOW_DOWNLOAD=true"
+    )
+
+
+# Recipe --------------------------------------------------------------------------------------
 
 
 class ResNetRecipe:
@@ -45,7 +152,7 @@ class ResNetRecipe:
     def __init__(self, hp: ResNetHyperparameters, ctx: TrainingContext):
         self.hp = hp
         self.ctx = ctx
-        self.preset = PRESETS[TASK]
+        self.preset = PRESET
 
     def setup(self) -> None:
         weights = resolve_weights(
@@ -56,14 +163,14 @@ class ResNetRecipe:
         )
         self.weights = weights
         self.ctx.on_info({"weights": weights.describe()})
-        train = self.ctx.load(TASK, "train")
-        val = self.ctx.load(TASK, "val")
+        train = self.ctx.load(NAME, "train")
+        val = self.ctx.load(NAME, "val")
         device = self.ctx.device
         self.classes = train.classes
         self.train = DeviceSplit.from_dataset(train, device, self.hp.max_train_samples, self.hp.seed)
         self.val = DeviceSplit.from_dataset(val, device)
         self.train_size = len(self.train)
-        model = build_model(TASK, {"num_classes": len(self.classes)})
+        model = build_model({"num_classes": len(self.classes)})
         load_backbone(model, weights)
         self.model = model.to(device)
         if self.hp.mode == "finetune":
@@ -257,3 +364,20 @@ def _digest(state: dict[str, torch.Tensor], *parts: object) -> str:
         else:
             digest.update(str(part).encode())
     return digest.hexdigest()[:20]
+
+
+TASK = Task(
+    name=NAME,
+    title="ResNet18 on hymenoptera",
+    description="Fine-tune ResNet18 (or train its new fc on frozen features) on hymenoptera.",
+    dataset="hymenoptera",
+    hyperparameters=ResNetHyperparameters,
+    preset=PRESET,
+    build_model=build_model,
+    locate=locate,
+    recipe=ResNetRecipe,
+    example={"mode": "finetune", "weights": "none"},
+    job_example=JobExample(
+        "resnet", "ResNet18 feature extraction on hymenoptera", {"mode": "feature_extraction"}
+    ),
+)
