@@ -85,10 +85,8 @@ start_api() {
   "$ROOT/scripts/down.sh" --quiet api || true
   port_free || refuse_port
   # WEB_CONCURRENCY processes (default: the CPU count, at most 8), each with its own loaded models
-  local workers
-  workers="$("$PY" -c 'from core.config import get_settings; print(get_settings().web_concurrency)')"
-  nohup "$VENV/bin/uvicorn" app.main:create_app --factory --host "$HOST" --port "$PORT" --workers "$workers" \
-    >>var/log/api.log 2>&1 &
+  # and its own SO_REUSEPORT socket, so that connections spread evenly (app/serve.py)
+  nohup "$PY" -m app.serve --host "$HOST" --port "$PORT" >>var/log/api.log 2>&1 &
   echo $! > var/run/api.pid
   echo "$PORT" > var/run/api.port
 }
