@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from app.images import ImageRejected
+from app.protocol import allowed_methods
 from core.jobs import JobRecordCorrupt
 from models_store.checkpoint import CheckpointInvalid, InvalidModelId, ModelNotFound
 
@@ -39,19 +40,35 @@ def _detail(status_code: int, detail: str, headers: dict | None = None) -> JSONR
     return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
 
 
+MAX_ECHO_CHARS = 200  # an error echoes at most this much of a string input
+MAX_ECHO_ITEMS = 50  # ... and of a list or object input
+
+
 def json_safe(value: Any) -> Any:
-    """``value`` with non-finite floats as strings and unencodable (surrogate) characters escaped,
-    so that a validation error can always echo the input that caused it."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+    """``value`` made safe to echo in a validation error: numbers stay numbers, non-finite floats
+    become strings (JSON cannot carry them), unencodable (surrogate) characters are escaped, and
+    long strings and containers are cut (an error never echoes a whole upload back)."""
+    if isinstance(value, bool) or value is None or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
     if isinstance(value, str):
+        if len(value) > MAX_ECHO_CHARS:
+            value = f"{value[:MAX_ECHO_CHARS]}... ({len(value)} characters in all)"
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, dict):
-        return {json_safe(k): json_safe(v) for k, v in value.items()}
+        items = list(value.items())
+        safe = {json_safe(str(k)): json_safe(v) for k, v in items[:MAX_ECHO_ITEMS]}
+        if len(items) > MAX_ECHO_ITEMS:
+            safe["..."] = f"{len(items) - MAX_ECHO_ITEMS} more keys"
+        return safe
     if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (int, bool)) or value is None:
-        return value
+        safe = [json_safe(v) for v in value[:MAX_ECHO_ITEMS]]
+        if len(value) > MAX_ECHO_ITEMS:
+            safe.append(f"... {len(value) - MAX_ECHO_ITEMS} more items")
+        return safe
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
     return json_safe(str(value))
 
 
@@ -60,7 +77,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def validation_failed(request: Request, exc: RequestValidationError) -> JSONResponse:
         """FastAPI's 422, but safe for inputs JSON cannot carry back (NaN, Infinity, 1e400, lone
         surrogates), which would otherwise turn the 422 into a 500."""
-        return JSONResponse({"detail": json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+        return JSONResponse({"detail": jsonable_encoder(json_safe(exc.errors()))}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -70,6 +87,14 @@ def install_error_handlers(app: FastAPI) -> None:
             cause = exc.__cause__
             reason = f"{type(cause).__name__}: {cause}"[:300]
             return _detail(400, f"the request body is not valid JSON ({reason})")
+        if exc.status_code == 405:
+            allowed = allowed_methods(request.app.router.routes, request.scope)
+            method = "HEAD" if request.scope.get("imgclf.head") else request.method
+            return _detail(
+                405,
+                f"{method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}",
+                {"Allow": ", ".join(allowed)},
+            )
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(redis.exceptions.RedisError)

@@ -16,6 +16,9 @@ from app.errors import install_error_handlers, redact_url
 from app.inference import ModelRegistry
 from app.limits import BodySizeLimitMiddleware
 from app.metrics import MetricsMiddleware
+from app.openapi import install_openapi
+from app.protocol import MAX_URL_BYTES, ContentEncodingMiddleware, HeadAsGetMiddleware, UrlLengthMiddleware
+from app.security import ApiKeyMiddleware
 from app.serving import MicroBatcher
 from core.config import Settings, get_settings
 from core.jobs import JobStore, redis_client
@@ -40,6 +43,16 @@ Authenticate with **Authorize** (`Bearer <API key>`) unless the server runs with
 MULTIPART_OVERHEAD = 64 * 1024
 JSON_BODY_LIMIT = 1024 * 1024
 DOCS_STATIC_URL = "/static-docs"
+# Paths that need no API key: the probes and the documentation.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# Multipart forms: a text field may be as large as a file (see app/forms.py); few parts.
+FORM_MAX_FILES = 4
+FORM_MAX_FIELDS = 32
+
+
+def is_open_path(path: str) -> bool:
+    """Whether ``path`` is served without an API key (probes, docs and their static files)."""
+    return path in OPEN_PATHS or path.startswith(DOCS_STATIC_URL + "/")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -80,9 +93,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        form_limits={
+            "max_part_size": settings.max_upload_bytes,
+            "max_files": FORM_MAX_FILES,
+            "max_fields": FORM_MAX_FIELDS,
+        },
     )
     app.include_router(api_router)
     install_error_handlers(app)
+    install_openapi(app, auth=bool(settings.api_keys))
     upload_limit = (
         settings.max_upload_bytes + MULTIPART_OVERHEAD,
         f"MAX_UPLOAD_BYTES={settings.max_upload_bytes} for the file, plus {MULTIPART_OVERHEAD} for the form",
@@ -92,14 +111,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodySizeLimitMiddleware,
         limit_for=lambda path: upload_limit if path == "/predict" else json_limit,
     )
+    # Added innermost first; outside in: HEAD -> metrics -> CORS -> 414 -> 401 -> 415 -> 413 ->
+    # routes. Each check answers before the body is read.
+    app.add_middleware(ContentEncodingMiddleware)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, is_open=is_open_path)
+    app.add_middleware(UrlLengthMiddleware, limit=MAX_URL_BYTES)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "HEAD", "POST"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
         )
     app.add_middleware(MetricsMiddleware)
+    app.add_middleware(HeadAsGetMiddleware)
     return app
 
 

@@ -139,11 +139,56 @@ class ErrorPublic(BaseModel):
     )
 
 
-def error_responses(**codes: str) -> dict[int | str, dict]:
-    """OpenAPI ``responses`` entries with the ErrorPublic body, e.g. ``error_responses(404="...")``."""
-    return {
-        int(code.lstrip("_")): {"model": ErrorPublic, "description": text} for code, text in codes.items()
-    }
+# An example of each status's body, so that Swagger never shows a 404's text for a 413.
+ERROR_EXAMPLES: dict[int, str] = {
+    400: "the request body is not valid JSON (UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff)",
+    401: "missing API key: send 'Authorization: Bearer <key>'",
+    404: "no job with id 5f2c1e0b9a7d4c3e8f1a2b3c4d5e6f70",
+    409: "job 5f2c1e0b9a7d4c3e8f1a2b3c4d5e6f70 already ended: succeeded",
+    413: "request body is larger than the limit of 1048576 bytes (the limit of a JSON request)",
+    414: "the URL is 9000 bytes (path and query), over the limit of 8192 bytes; send large inputs in "
+    "the request body",
+    415: "Content-Encoding gzip is not supported: send the body uncompressed (identity)",
+    422: "give either task or model_id",
+    500: "the stored record of job 5f2c1e0b9a7d4c3e8f1a2b3c4d5e6f70 is unreadable; the other jobs are "
+    "unaffected",
+    503: "Redis at redis://127.0.0.1:6379/0 is unreachable (ConnectionError); retry later.",
+}
+# Headers that come with a status wherever it is sent.
+ERROR_HEADERS: dict[int, dict[str, dict]] = {
+    401: {
+        "WWW-Authenticate": {
+            "description": "`Bearer`: the authentication scheme to use.",
+            "schema": {"type": "string", "examples": ["Bearer"]},
+        }
+    },
+    503: {
+        "Retry-After": {
+            "description": "Seconds to wait before retrying.",
+            "schema": {"type": "string", "examples": ["5"]},
+        }
+    },
+}
+
+
+def error_responses(**codes: str | tuple[str, str]) -> dict[int | str, dict]:
+    """OpenAPI ``responses`` entries with the ErrorPublic body, e.g. ``error_responses(_404="No such
+    job.")`` or, with an example body of that operation, ``_404=("No such model.", "no model ...")``.
+
+    Each status gets an example of its own (``ERROR_EXAMPLES`` unless given) and its headers
+    (``ERROR_HEADERS``: WWW-Authenticate on 401, Retry-After on 503).
+    """
+    responses: dict[int | str, dict] = {}
+    for code, value in codes.items():
+        status_code = int(code.lstrip("_"))
+        text, example = value if isinstance(value, tuple) else (value, ERROR_EXAMPLES.get(status_code))
+        entry: dict[str, Any] = {"model": ErrorPublic, "description": text}
+        if example:
+            entry["content"] = {"application/json": {"example": {"detail": example}}}
+        if status_code in ERROR_HEADERS:
+            entry["headers"] = ERROR_HEADERS[status_code]
+        responses[status_code] = entry
+    return responses
 
 
 class HealthPublic(BaseModel):

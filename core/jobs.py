@@ -38,6 +38,9 @@ from tasks import TaskName
 
 log = logging.getLogger(__name__)
 
+# A job id: 32 hex digits (uuid4().hex). A JSON-Schema / Rust-regex pattern, where $ is the end of
+# the text; Python code matches ids with fullmatch (Python's $ also matches before a final newline).
+JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 IDEMPOTENCY_TTL_S = 24 * 3600
 _JSON_FIELDS = ("hyperparameters", "progress", "metrics", "timings")
 
@@ -351,8 +354,11 @@ class JobStore:
     def running_key(self) -> str:
         return f"{self.prefix}:jobs:running"
 
-    def _idem_key(self, key: str) -> str:
-        return f"{self.prefix}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
+    def _idem_key(self, key: str, owner: str = "") -> str:
+        """Redis key of an Idempotency-Key, scoped to its ``owner`` (a hash of the API key, "" with
+        auth off), so that one client can never replay another's job by reusing its key."""
+        scoped = f"{owner}:{key}" if owner else key  # auth off: one owner, the keys as before
+        return f"{self.prefix}:idem:{hashlib.sha256(scoped.encode()).hexdigest()}"
 
     # API side
     def ping(self) -> bool:
@@ -364,11 +370,13 @@ class JobStore:
         hyperparameters: dict,
         idempotency_key: str | None = None,
         body_hash: str = "",
+        owner: str = "",
     ) -> tuple[JobRecord, bool]:
         """Store a new queued job; returns (record, created).
 
-        With ``idempotency_key``, a second call with the same key returns the first job and
-        ``created=False``. Raises ``IdempotencyConflict`` if the key was used with another body.
+        With ``idempotency_key``, a second call with the same key (and ``owner``, the caller's
+        API-key hash) returns the first job and ``created=False``; the same key of another owner is
+        another key. Raises ``IdempotencyConflict`` if the key was used with another body.
         """
         job_id = uuid.uuid4().hex
         now = datetime.now(UTC)
@@ -390,7 +398,7 @@ class JobStore:
             "1" if idempotency_key else "0",
             *[item for pair in fields.items() for item in pair],
         ]
-        idem_key = self._idem_key(idempotency_key or "-")
+        idem_key = self._idem_key(idempotency_key or "-", owner)
         keys = [self.job_key(job_id), self.index_key, idem_key, f"{self.index_key}:seq"]
         outcome, value = self._create(keys=keys, args=argv)
         if outcome == "created":
@@ -401,16 +409,16 @@ class JobStore:
         record = self.get(existing_id)
         if record is None:  # the first request's job was rolled back; start afresh
             self.redis.delete(idem_key)
-            return self.create(task, hyperparameters, idempotency_key, body_hash)
+            return self.create(task, hyperparameters, idempotency_key, body_hash, owner)
         return record, False
 
-    def delete(self, job_id: str, idempotency_key: str | None = None) -> None:
-        """Remove a job that could not be enqueued (and its Idempotency-Key)."""
+    def delete(self, job_id: str, idempotency_key: str | None = None, owner: str = "") -> None:
+        """Remove a job that could not be enqueued (and its Idempotency-Key of ``owner``)."""
         pipe = self.redis.pipeline()
         pipe.delete(self.job_key(job_id))
         pipe.zrem(self.index_key, job_id)
         if idempotency_key:
-            pipe.delete(self._idem_key(idempotency_key))
+            pipe.delete(self._idem_key(idempotency_key, owner))
         pipe.execute()
 
     def get(self, job_id: str) -> JobRecord | None:

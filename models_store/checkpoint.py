@@ -32,6 +32,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 if TYPE_CHECKING:
     import torch
 
+# JSON-Schema / Rust-regex pattern (pydantic, OpenAPI), where $ is the end of the text. In Python,
+# $ also matches before a final newline ("abc\n"), so ids are checked with fullmatch.
 MODEL_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,127}$"
 _MODEL_ID_RE = re.compile(MODEL_ID_PATTERN)
 WEIGHTS_FILE = "model.safetensors"
@@ -109,7 +111,7 @@ class CheckpointInfo:
 
 def validate_model_id(model_id: str) -> str:
     """Return ``model_id`` if it matches ``MODEL_ID_PATTERN``; raise ``InvalidModelId`` otherwise."""
-    if not isinstance(model_id, str) or not _MODEL_ID_RE.match(model_id):
+    if not isinstance(model_id, str) or not _MODEL_ID_RE.fullmatch(model_id):
         raise InvalidModelId(
             f"invalid model id {model_id!r}: expected 1-128 characters of a-z, 0-9, '_' and '-', "
             "starting with a letter or digit"

@@ -140,7 +140,8 @@ MaxTrainSamples = Annotated[
     Field(
         ge=1,
         le=10_000_000,
-        description="Train on only the first N training images (a fixed, seeded subset); null = all.",
+        description="Train on only the first N training images (a fixed, seeded subset); null = all. "
+        "At least batch_size.",
         examples=[None],
     ),
 ]
@@ -163,6 +164,21 @@ class Hyperparameters(BaseModel):
     lr_step_size: int = Field(1, ge=1, le=1000, description="Multiply lr by lr_decay every this many epochs.")
     seed: Seed = 0
     max_train_samples: MaxTrainSamples = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_numbers_are_ints(cls, data: Any) -> Any:
+        """JSON has one number type: ``10.0`` is the integer 10 (JSON Schema agrees), so an int
+        field takes it; ``2.5``, ``"10"`` and ``true`` are still refused (strict)."""
+        if not isinstance(data, dict):
+            return data
+        ints = {name for name, field in cls.model_fields.items() if field.annotation in (int, int | None)}
+        return {
+            key: int(value)
+            if key in ints and type(value) is float and value.is_integer() and abs(value) < 2**63
+            else value
+            for key, value in data.items()
+        }
 
     @model_validator(mode="after")
     def _batch_fits_cap(self) -> Hyperparameters:

@@ -125,7 +125,10 @@ def test_existing_id_is_not_overwritten(tmp_path):
         make_checkpoint(store)
 
 
-@pytest.mark.parametrize("bad", ["", "../etc", "a/b", ".hidden", "UPPER", "a" * 129, "a.b", "a\x00b", "-x"])
+@pytest.mark.parametrize(
+    "bad",
+    ["", "../etc", "a/b", ".hidden", "UPPER", "a" * 129, "a.b", "a\x00b", "-x", "abc\n", "a" * 127 + "\n"],
+)
 def test_invalid_ids_never_reach_the_filesystem(tmp_path, bad):
     with pytest.raises(InvalidModelId):
         validate_model_id(bad)

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Body, Depends, Header, HTTPException, Path, Query
 
 from app.api.deps import CeleryDep, JobStoreDep
 from app.schemas import JOB_CREATE_EXAMPLES, JobCreate, JobPublic, JobsPublic, error_responses
-from core.jobs import IdempotencyConflict, JobStatus, request_hash
+from app.security import key_owner
+from core.jobs import JOB_ID_PATTERN, IdempotencyConflict, JobStatus, request_hash
 from core.queue import enqueue_training
 from tasks import TaskName
 
@@ -28,7 +29,7 @@ def require_json(request: Request) -> None:
         )
 
 
-JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="Job id (32 hex digits).")]
+JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="Job id (32 hex digits).")]
 
 
 @router.post(
@@ -38,9 +39,30 @@ JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="Job id (32 h
     summary="Submit a training job",
     dependencies=[Depends(require_json)],
     responses={
-        202: {"description": "Queued (or, with a repeated Idempotency-Key, the job already created)."},
+        202: {
+            "description": "Queued (or, with a repeated Idempotency-Key, the job already created).",
+            "headers": {
+                "Location": {
+                    "description": "Where to poll the job: `/jobs/{id}`.",
+                    "schema": {"type": "string", "examples": ["/jobs/5f2c1e0b9a7d4c3e8f1a2b3c4d5e6f70"]},
+                },
+                "Idempotent-Replayed": {
+                    "description": "`true` when a repeated Idempotency-Key returned the job it created "
+                    "before (absent otherwise).",
+                    "schema": {"type": "string", "enum": ["true"]},
+                },
+            },
+        },
         **error_responses(
-            _409="Idempotency-Key reused with a different body.",
+            _400=(
+                "The body is not decodable as JSON (invalid UTF-8, nesting too deep, huge integer).",
+                "the request body is not valid JSON (UnicodeDecodeError: 'utf-8' codec can't decode "
+                "byte 0xff)",
+            ),
+            _409=(
+                "Idempotency-Key reused with a different body.",
+                "this Idempotency-Key was already used with a different request body",
+            ),
             _413="Body over 1 MiB.",
             _415="Body is not application/json.",
             _503="Redis (the queue) is unreachable; nothing was enqueued.",
@@ -52,20 +74,23 @@ def create_job(
     job: Annotated[JobCreate, Body(openapi_examples=JOB_CREATE_EXAMPLES)],
     jobs: JobStoreDep,
     celery: CeleryDep,
+    request: Request,
     response: Response,
     idempotency_key: Annotated[
         str | None,
         Header(
             max_length=255,
-            description="Optional: repeating a request with the same key and body returns the same job.",
+            description="Optional: repeating a request with the same key and body returns the same job "
+            "(keys are scoped to the API key: clients never see each other's jobs through them).",
         ),
     ] = None,
 ) -> JobPublic:
     """Validate and enqueue a job; a worker picks it up. Poll `GET /jobs/{id}` for progress."""
     payload = job.model_dump(mode="json")
+    owner = key_owner(request.headers.get("authorization")) if request.app.state.settings.api_keys else ""
     try:
         record, created = jobs.create(
-            job.task, payload["hyperparameters"], idempotency_key, request_hash(payload)
+            job.task, payload["hyperparameters"], idempotency_key, request_hash(payload), owner
         )
     except IdempotencyConflict as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
@@ -73,7 +98,7 @@ def create_job(
         try:
             enqueue_training(celery, record.id)
         except Exception:
-            jobs.delete(record.id, idempotency_key)
+            jobs.delete(record.id, idempotency_key, owner)
             raise
     else:
         response.headers["Idempotent-Replayed"] = "true"
@@ -119,7 +144,14 @@ def get_job(job_id: JobId, jobs: JobStoreDep) -> JobPublic:
     response_model=JobPublic,
     summary="Cancel a job",
     responses=error_responses(
-        _404="No such job.", _409="The job already ended.", _503="Redis is unreachable."
+        _404="No such job.",
+        _409="The job already ended.",
+        _500=(
+            "The job's stored record is unreadable.",
+            "Redis at redis://127.0.0.1:6379/0 refused a command (WRONGTYPE Operation against a key "
+            "holding the wrong kind of value); the job data may be damaged",
+        ),
+        _503="Redis is unreachable.",
     ),
 )
 def cancel_job(job_id: JobId, jobs: JobStoreDep) -> JobPublic:

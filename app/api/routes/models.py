@@ -8,12 +8,14 @@ from fastapi import APIRouter, Path, Query
 
 from app.api.deps import CheckpointsDep
 from app.schemas import ModelPublic, ModelsPublic, error_responses
-from models_store.checkpoint import CheckpointInfo
+from models_store.checkpoint import MODEL_ID_PATTERN, CheckpointInfo
 from tasks import TaskName
 
 router = APIRouter(prefix="/models", tags=["models"])
 
-ModelId = Annotated[str, Path(max_length=128, description="Model id, as listed by GET /models.")]
+ModelId = Annotated[
+    str, Path(max_length=128, pattern=MODEL_ID_PATTERN, description="Model id, as listed by GET /models.")
+]
 
 
 def model_public(info: CheckpointInfo) -> ModelPublic:
@@ -56,7 +58,9 @@ def list_models(
     "/{model_id}",
     response_model=ModelPublic,
     summary="Read one checkpoint",
-    responses=error_responses(_404="No such model.", _422="Not a valid model id."),
+    responses=error_responses(
+        _404=("No such model.", "no model with id 'mnist_lenet5-20261129-161500-5f2c1e0b'")
+    ),
 )
 def get_model(model_id: ModelId, checkpoints: CheckpointsDep) -> ModelPublic:
     return model_public(checkpoints.get(model_id))

@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
 from app.api.deps import RegistryDep, SettingsDep
+from app.forms import FileFormRoute
 from app.images import ImageRejected, InvertChoice, open_upload
 from app.inference import ModelRegistry, predict
 from app.metrics import PREDICTION_SECONDS
@@ -20,7 +21,7 @@ from models_store.checkpoint import MODEL_ID_PATTERN
 from tasks import TaskName
 from tasks.base import Preset
 
-router = APIRouter(tags=["predict"])
+router = APIRouter(tags=["predict"], route_class=FileFormRoute)
 
 
 @router.post(
@@ -28,17 +29,29 @@ router = APIRouter(tags=["predict"])
     response_model=PredictionPublic,
     summary="Classify an uploaded image",
     responses=error_responses(
-        _400="Empty file.",
-        _404="Unknown model_id, or no trained model of the task yet.",
-        _409="The checkpoint failed verification (tampered or truncated).",
-        _413="File over MAX_UPLOAD_BYTES or image over MAX_IMAGE_PIXELS.",
-        _415="Not an image Pillow can read.",
-    )
-    | {
-        422: {
-            "description": "Corrupt image, bad or unknown form field, top_k out of bounds, no task/model_id."
-        }
-    },
+        _400=("Empty file, or a body that is not valid multipart.", "the uploaded file is empty"),
+        _404=(
+            "Unknown model_id, or no trained model of the task yet.",
+            "no trained mnist_lenet5 model yet: submit a job with POST /jobs first",
+        ),
+        _409=(
+            "The checkpoint failed verification (tampered or truncated).",
+            "model mnist_lenet5-20261129-161500-5f2c1e0b failed verification: sha256 mismatch",
+        ),
+        _413=(
+            "File over MAX_UPLOAD_BYTES or image over MAX_IMAGE_PIXELS.",
+            "the file is larger than the limit of 10485760 bytes (MAX_UPLOAD_BYTES)",
+        ),
+        _415=(
+            "Not an image Pillow can read, or a body with a Content-Encoding (compressed).",
+            "the uploaded file is not an image format Pillow can read",
+        ),
+        _422=(
+            "A form field is invalid (FastAPI's list of errors), or the request as a whole is: corrupt "
+            "image, unknown or repeated form field, neither task nor model_id (a sentence).",
+            "give either task or model_id",
+        ),
+    ),
 )
 async def predict_image(
     request: Request,
@@ -57,12 +70,12 @@ async def predict_image(
         Form(
             max_length=128,
             pattern=MODEL_ID_PATTERN,
-            description="Use this model; if task is given too, it must be the model's task.",
-            examples=["mnist_lenet5-20261129-161500-5f2c1e0b"],
+            description="Use this model (an id listed by GET /models); if task is given too, it must "
+            "be the model's task.",
         ),
     ] = None,
     top_k: Annotated[
-        int, Form(ge=1, le=100, description="Classes to return (at most the model's).", examples=[3])
+        int, Form(ge=1, le=100, description="Classes to return (at most the model's).", examples=[5])
     ] = 5,
     invert: Annotated[
         InvertChoice,

@@ -1,0 +1,125 @@
+"""The OpenAPI document, completed with what holds for every operation (middleware answers that
+no route declares), so that every status an operation can return is in it, with its body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from app.protocol import MAX_URL_BYTES
+from app.schemas import ERROR_EXAMPLES
+
+ERROR_REF = "#/components/schemas/ErrorPublic"
+VALIDATION_REF = "#/components/schemas/HTTPValidationError"
+BODY_METHODS = {"post", "put", "patch"}
+# Multipart bodies whose form needs one of these fields (declared as anyOf-required).
+ONE_OF_FIELDS: dict[str, tuple[str, ...]] = {"/predict": ("task", "model_id", "alias")}
+# Multipart bodies that refuse unknown fields (a typo such as `topk` is a 422, not ignored).
+CLOSED_FORMS = {"/predict"}
+
+
+def _error(description: str, status_code: int) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {
+            "application/json": {
+                "schema": {"$ref": ERROR_REF},
+                "example": {"detail": ERROR_EXAMPLES[status_code]},
+            }
+        },
+    }
+
+
+def _fix_422(response: dict[str, Any]) -> None:
+    """A 422 is FastAPI's list of field errors (request validation); a route that also raises its
+    own 422 with a sentence (``ErrorPublic``) documents both shapes."""
+    content = response.setdefault("content", {}).setdefault("application/json", {})
+    schema = content.get("schema", {})
+    if schema.get("$ref") == ERROR_REF:
+        content["schema"] = {"anyOf": [{"$ref": VALIDATION_REF}, {"$ref": ERROR_REF}]}
+        content.pop("example", None)
+        content["examples"] = {
+            "fields": {
+                "summary": "A field is invalid (FastAPI's list of errors)",
+                "value": {
+                    "detail": [
+                        {
+                            "type": "less_than_equal",
+                            "loc": ["body", "top_k"],
+                            "msg": "Input should be less than or equal to 100",
+                            "input": 101,
+                            "ctx": {"le": 100},
+                        }
+                    ]
+                },
+            },
+            "sentence": {
+                "summary": "The request as a whole is invalid",
+                "value": {"detail": ERROR_EXAMPLES[422]},
+            },
+        }
+    elif not schema:
+        content["schema"] = {"$ref": VALIDATION_REF}
+
+
+def _no_nulls_in_form(form: dict[str, Any]) -> None:
+    """A multipart field cannot be null (it is text or absent): ``anyOf [X, null]`` becomes X."""
+    for name, prop in form.get("properties", {}).items():
+        variants = prop.get("anyOf", [])
+        others = [v for v in variants if v != {"type": "null"}]
+        if len(others) == 1 and len(variants) == 2:
+            rest = {k: v for k, v in prop.items() if k != "anyOf"}
+            form["properties"][name] = {**others[0], **rest}
+
+
+def complete_openapi(schema: dict[str, Any], auth: bool = True) -> dict[str, Any]:
+    """Add the statuses that middleware answers (414 everywhere; 413 and 415 for request bodies),
+    give every 422 its real shape, and declare the constraints of forms (one of these fields, no
+    unknown fields). Without ``auth`` (the server has no API_KEYS) no operation needs a key, so
+    the document drops its security requirements and 401s."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    if not auth:
+        schema["components"].pop("securitySchemes", None)
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            if not auth:
+                operation.pop("security", None)
+                responses.pop("401", None)
+            responses.setdefault(
+                "414", _error(f"The URL (path and query) is over {MAX_URL_BYTES} bytes.", 414)
+            )
+            if method in BODY_METHODS:
+                responses.setdefault("413", _error("The request body is over the limit.", 413))
+                responses.setdefault(
+                    "415", _error("Content-Encoding other than identity: compressed bodies are refused.", 415)
+                )
+            if "422" in responses:
+                _fix_422(responses["422"])
+            fields = ONE_OF_FIELDS.get(path)
+            body = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data", {})
+            ref = body.get("schema", {}).get("$ref", "")
+            if ref:
+                _no_nulls_in_form(components[ref.rsplit("/", 1)[-1]])
+            if ref and path in CLOSED_FORMS:
+                components[ref.rsplit("/", 1)[-1]]["additionalProperties"] = False
+            if fields and ref:
+                form = components[ref.rsplit("/", 1)[-1]]
+                present = [f for f in fields if f in form.get("properties", {})]
+                form["anyOf"] = [{"required": [f], "properties": {f: {"type": "string"}}} for f in present]
+                form["description"] = f"The image, and at least one of: {', '.join(present)}."
+    return schema
+
+
+def install_openapi(app: FastAPI, auth: bool) -> None:
+    """Serve ``complete_openapi`` of FastAPI's document at /openapi.json (built once); ``auth``:
+    whether the server has API keys."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = complete_openapi(build(), auth)
+        return app.openapi_schema
+
+    app.openapi = openapi
