@@ -804,7 +804,7 @@ def measure_task(
                 summarise(clients, samples[(server.name, clients)]) for clients in args.clients
             ]
     finally:
-        for server in started:
+        for server in servers:  # also those interrupted while starting
             server.stop()
     return list(runs.values())
 
