@@ -17,8 +17,8 @@ from kombu.exceptions import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from app.images import ImageRejected
 from app.protocol import allowed_methods
+from core.images import ImageRejected
 from core.jobs import JobRecordCorrupt
 from models_store.checkpoint import CheckpointInvalid, InvalidModelId, ModelNotFound
 

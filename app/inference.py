@@ -8,6 +8,7 @@ New checkpoints are seen without a restart, since every request lists the store;
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from app.images import InvertChoice, should_invert, to_mode
 from app.serving import Backend, MicroBatcher, build_backend
+from core.images import InvertChoice, NormalizeChoice, frame_digit, should_invert, to_mode
 from models_store.checkpoint import CheckpointInfo, CheckpointInvalid, CheckpointStore, ModelNotFound
 from tasks import get_task
 from tasks.base import Preset
@@ -54,6 +55,7 @@ class Prediction:
     indices: list[int]
     probabilities: list[float]
     inverted: bool | None
+    framing: dict | None = None
 
 
 class ModelRegistry:
@@ -74,6 +76,7 @@ class ModelRegistry:
     """
 
     INLINE_MAX_UPLOAD_BYTES = 256 * 1024
+    INLINE_MAX_PIXELS = 256 * 256
 
     def __init__(
         self,
@@ -178,16 +181,24 @@ class ModelRegistry:
             light,
         )
 
-    def runs_inline(self, model_id: str | None, task: str | None, upload_bytes: int) -> bool:
-        """Whether a request can be classified in the calling thread (the event loop), without a
-        thread hop: its upload is at most ``INLINE_MAX_UPLOAD_BYTES`` and its model -- ``model_id``,
-        else the model of ``task`` used last -- is loaded and light. No I/O: a guess from memory;
-        either answer classifies correctly, only the thread differs."""
-        if self.inline_ms <= 0 or upload_bytes > self.INLINE_MAX_UPLOAD_BYTES:
+    def runs_inline(self, model_id: str | None, task: str | None, data: bytes) -> bool:
+        """Whether a request can be decoded and classified in the calling thread (the event loop),
+        without thread hops: the upload is at most ``INLINE_MAX_UPLOAD_BYTES`` and, by its header
+        (nothing is decoded here), at most ``INLINE_MAX_PIXELS``, and its model -- ``model_id``,
+        else the model of ``task`` used last -- is loaded and light. A guess from memory, with no
+        I/O: either answer classifies correctly, only the thread differs."""
+        if self.inline_ms <= 0 or len(data) > self.INLINE_MAX_UPLOAD_BYTES:
             return False
         with self._lock:
             loaded = self._cache.get(model_id) if model_id else self._recent_by_task.get(task or "")
-        return loaded is not None and loaded.light
+        if loaded is None or not loaded.light:
+            return False
+        try:
+            with Image.open(io.BytesIO(data)) as header:
+                width, height = header.size
+        except Exception:  # not an image: the thread path answers with the right error
+            return False
+        return width * height <= self.INLINE_MAX_PIXELS
 
 
 def _forward_ms(backend: Backend, preset: Preset) -> float:
@@ -211,27 +222,39 @@ def _output_count(model: torch.nn.Module, preset: Preset) -> int:
         return int(model(preset.normalize(zeros)).shape[1])
 
 
+FRAMED_TASKS = frozenset({"mnist_lenet5"})
+
+
 def preprocess(
-    loaded: LoadedModel, image: Image.Image, invert: InvertChoice
-) -> tuple[torch.Tensor, bool | None]:
+    loaded: LoadedModel, image: Image.Image, invert: InvertChoice, normalize: NormalizeChoice = "auto"
+) -> tuple[torch.Tensor, bool | None, dict | None]:
     """Stage 1 of serving: one decoded upload -> the model's uint8 input.
 
     Args:
         loaded: the model (its preset decides mode, size and crop).
-        image: PIL image of any mode (see ``app.images.to_mode``).
+        image: PIL image of any mode (see ``core.images.to_mode``).
         invert: for L-mode presets (MNIST): ``auto``, ``true`` or ``false``; ignored otherwise.
+        normalize: ``auto`` frames inputs of ``FRAMED_TASKS`` as MNIST's digits were framed (after
+            the polarity step), ``none`` leaves them as sent (the preset resizes them).
 
     Returns:
-        (uint8 tensor (C, H, W) of the preset's input size, whether it was inverted: None for RGB
-        presets).
+        (uint8 tensor (C, H, W) of the preset's input size, whether it was inverted (None for RGB
+        presets), how it was framed (None for tasks that are never framed)).
     """
     image = to_mode(image, loaded.preset.mode)
     inverted = None
+    framing = None
     if loaded.preset.mode == "L":
         inverted = should_invert(image, invert)
         if inverted:
             image = Image.eval(image, lambda v: 255 - v)
-    return loaded.preset.to_uint8(image), inverted
+    if loaded.task in FRAMED_TASKS:
+        if normalize == "auto":
+            width = loaded.preset.input_size[1]
+            image, framing = frame_digit(image, size=width, box=round(width * 20 / 28))
+        else:
+            framing = {"applied": False, "reason": "normalize=none"}
+    return loaded.preset.to_uint8(image), inverted, framing
 
 
 def infer(loaded: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
@@ -251,28 +274,39 @@ def infer(loaded: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float(), dim=1).cpu()
 
 
-def postprocess(probabilities: torch.Tensor, top_k: int, inverted: bool | None) -> Prediction:
+def postprocess(
+    probabilities: torch.Tensor, top_k: int, inverted: bool | None, framing: dict | None = None
+) -> Prediction:
     """Stage 3 of serving: one image's probabilities (float32 (classes,)) -> its top-k, most
     probable first (``top_k`` clamped to the number of classes)."""
     top = torch.topk(probabilities, k=min(top_k, probabilities.numel()))
-    return Prediction(top.indices.tolist(), top.values.tolist(), inverted)
+    return Prediction(top.indices.tolist(), top.values.tolist(), inverted, framing)
 
 
-def predict(loaded: LoadedModel, image: Image.Image, top_k: int, invert: InvertChoice) -> Prediction:
-    """Classify one decoded upload: ``preprocess``, ``infer`` on a batch of one, ``postprocess``.
+def predict(
+    loaded: LoadedModel,
+    image: Image.Image,
+    top_k: int,
+    invert: InvertChoice,
+    normalize: NormalizeChoice = "auto",
+) -> Prediction:
+    """Classify one decoded upload: ``preprocess``, ``infer`` (through the micro-batcher unless
+    the model is light), ``postprocess``.
 
     Args:
         loaded: the model.
-        image: PIL image of any mode (see ``app.images.to_mode``).
+        image: PIL image of any mode (see ``core.images.to_mode``).
         top_k: classes to return (clamped to the number of classes).
         invert: for L-mode presets (MNIST): ``auto``, ``true`` or ``false``.
+        normalize: ``auto`` or ``none``, see ``preprocess``.
 
     Returns:
-        top-k class indices and softmax probabilities (float32 -> float).
+        top-k class indices and softmax probabilities (float32 -> float), whether the image was
+        inverted and how it was framed (None for tasks that are never framed).
     """
-    pixels, inverted = preprocess(loaded, image, invert)
+    pixels, inverted, framing = preprocess(loaded, image, invert, normalize)
     if loaded.batcher is not None and loaded.backend is not None and not loaded.light:
         probabilities = loaded.batcher.run(loaded.backend, pixels)
     else:
         probabilities = infer(loaded, pixels.unsqueeze(0))[0]
-    return postprocess(probabilities, top_k, inverted)
+    return postprocess(probabilities, top_k, inverted, framing)

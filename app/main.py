@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.celery = make_celery(settings)
         app.state.inference_slots = anyio.Semaphore(settings.inference_concurrency)
+        app.state.heavy_decode_lane = anyio.Semaphore(1)  # uploads over HEAVY_DECODE_COST
         log.info("API ready: Redis %s, models in %s", redact_url(settings.redis_url), settings.models_dir)
         yield
         client.close()

@@ -125,9 +125,27 @@ class PredictionPublic(BaseModel):
     )
     image: dict[str, Any] = Field(
         description=(
-            "The upload as decoded: width and height after its EXIF orientation, PIL mode before conversion."
+            "The upload as decoded: width and height after its EXIF orientation, PIL mode before "
+            "conversion, format, frames, JPEG scans; `exif`, `alpha` and `icc` notes when they applied."
         ),
         examples=[{"width": 28, "height": 28, "mode": "L"}],
+    )
+    framing: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "MNIST only: how the digit was framed as MNIST's were (normalize=auto): `applied`, and "
+            "`bbox` [left, top, right, bottom) of the ink in the upload's pixels, `scale`, `offset` "
+            "of the 20x20 box in 28x28, `center_of_mass` [x, y]; or `reason` when not applied."
+        ),
+        examples=[
+            {
+                "applied": True,
+                "bbox": [3, 1, 25, 27],
+                "scale": 0.7692,
+                "offset": [5, 4],
+                "center_of_mass": [14.1, 13.9],
+            }
+        ],
     )
 
 

@@ -116,6 +116,24 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Largest accepted image, width x height, checked before decoding."
     )
+    max_jpeg_scans: int = Field(
+        500,
+        ge=1,
+        description="Most scans (SOS markers) accepted in a JPEG; each progressive scan re-walks the image.",
+    )
+    max_decode_cost: int = Field(
+        500_000_000,
+        ge=1,
+        description="Largest decoding cost accepted, pixels x JPEG scans (pixels for other formats).",
+    )
+    heavy_decode_cost: int = Field(
+        16_000_000,
+        ge=1,
+        description=(
+            "Uploads costing more than this to decode (pixels x scans) are decoded one at a time in a "
+            "lane of their own, never in the INFERENCE_CONCURRENCY slots that smaller images use."
+        ),
+    )
     model_cache_size: int = Field(4, ge=1, le=256, description="Loaded models kept in the API's memory.")
     inference_threads: int = Field(
         1, ge=1, le=64, description="torch intra-op threads per inference call in the API."

@@ -71,7 +71,7 @@ class Preset:
         """Convert, resize and crop one image (Pillow and numpy only, no torch ops).
 
         Args:
-            image: a PIL image already in ``self.mode`` (see ``app.images`` for arbitrary uploads);
+            image: a PIL image already in ``self.mode`` (see ``core.images`` for arbitrary uploads);
                 other modes are converted with ``Image.convert``.
 
         Returns:

@@ -140,3 +140,140 @@ def make_synthetic_data(root: Path) -> Path:
     make_image_folder(root, "cifar10-jpg", {"train": 1000, "test": 200}, CIFAR_CLASSES, as_zip=True)
     make_hymenoptera(root)
     return root
+
+
+def progressive_scan_bomb(width: int, height: int, scans: int) -> bytes:
+    """A valid grey progressive JPEG (SOF2) of ``width`` x ``height`` with ``scans`` scans: one DC
+    scan, then for each AC coefficient 1..63 a first scan (Al=13) and successive-approximation
+    refinements down to Al=0 (at most 1 + 63 * 14 = 883 scans). Every block is flat, so each AC
+    scan is a few end-of-band runs: tiny on disk, yet the decoder walks every block once per scan.
+    """
+    if not 1 <= scans <= 883:
+        raise ValueError("scans must be 1..883")
+    blocks = -(-width // 8) * (-(-height // 8))
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return struct.pack(">BBH", 0xFF, marker, len(payload) + 2) + payload
+
+    def entropy(bits: str) -> bytes:
+        bits += "1" * (-len(bits) % 8)  # pad with ones
+        data = int(bits, 2).to_bytes(len(bits) // 8, "big") if bits else b""
+        return data.replace(b"\xff", b"\xff\x00")  # byte stuffing
+
+    def eob_runs(total: int) -> str:
+        out = []
+        while total:
+            run = min(total, 32767)
+            r = run.bit_length() - 1  # symbol EOBr: run 2**r + r extra bits
+            out.append(format(r, "04b") + (format(run - (1 << r), f"0{r}b") if r else ""))
+            total -= run
+        return "".join(out)
+
+    dc_table = bytes([0x00]) + bytes([1] + [0] * 15) + bytes([0x00])  # category 0 -> code "0"
+    ac_table = bytes([0x10]) + bytes([0, 0, 0, 15] + [0] * 12) + bytes(r << 4 for r in range(15))
+    parts = [
+        b"\xff\xd8",
+        segment(0xDB, b"\x00" + bytes([1] * 64)),
+        segment(0xC2, struct.pack(">BHHB", 8, height, width, 1) + bytes([1, 0x11, 0])),
+        segment(0xC4, dc_table + ac_table),
+        segment(0xDA, bytes([1, 1, 0x00, 0, 0, 0x00])) + entropy("0" * blocks),
+    ]
+    runs = entropy(eob_runs(blocks))
+    done = 1
+    for k in range(1, 64):
+        for ah, al in [(0, 13)] + [(a, a - 1) for a in range(13, 0, -1)]:
+            if done == scans:
+                break
+            parts.append(segment(0xDA, bytes([1, 1, 0x00, k, k, (ah << 4) | al])) + runs)
+            done += 1
+    return b"".join(parts) + b"\xff\xd9"
+
+
+def bmp_v5(pixels: np.ndarray, alpha: int) -> bytes:
+    """A 32-bit BMP with a BITMAPV5HEADER and bit-field masks including an alpha mask, as many
+    Windows programs write them: ``pixels`` uint8 (H, W, 3) RGB, every alpha byte set to ``alpha``."""
+    height, width, _ = pixels.shape
+    bgra = np.concatenate([pixels[..., ::-1], np.full((height, width, 1), alpha, np.uint8)], axis=2)
+    data = bgra[::-1].tobytes()  # bottom-up rows
+    masks = struct.pack("<4I", 0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000)
+    header = struct.pack("<IiiHHIIiiII", 124, width, height, 1, 32, 3, len(data), 2835, 2835, 0, 0)
+    header += masks + b"BGRs" + bytes(36) + bytes(12) + struct.pack("<4I", 4, 0, 0, 0)
+    assert len(header) == 124
+    offset = 14 + len(header)
+    return b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset) + header + data
+
+
+def _s15(value: float) -> bytes:
+    return struct.pack(">i", round(value * 65536))
+
+
+def icc_profile(
+    space: str, colorants: list[tuple[float, float, float]] | None = None, gamma: float = 2.2
+) -> bytes:
+    """A minimal ICC v2 display profile built from scratch (lcms reads it).
+
+    ``space="RGB "``: matrix/TRC profile with the given red, green, blue colorants (XYZ, D50) and
+    one gamma for all channels; ``space="GRAY"``: gray TRC with ``gamma``.
+    """
+    d50 = (0.9642, 1.0, 0.8249)
+
+    def xyz(v):
+        return b"XYZ " + bytes(4) + b"".join(_s15(c) for c in v)
+
+    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2)
+    text = b"made-from-scratch test profile\x00"
+    desc = (
+        b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(4) + bytes(4) + bytes(3) + bytes(67)
+    )
+    tags = [(b"desc", desc), (b"wtpt", xyz(d50))]
+    if space == "GRAY":
+        tags.append((b"kTRC", curve))
+    else:
+        for sig, colorant in zip((b"rXYZ", b"gXYZ", b"bXYZ"), colorants, strict=True):
+            tags.append((sig, xyz(colorant)))
+        tags += [(b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    table_size = 4 + 12 * len(tags)
+    offset = 128 + table_size
+    entries, blobs = [], b""
+    for sig, blob in tags:
+        blob += bytes(-len(blob) % 4)
+        entries.append(struct.pack(">4sII", sig, offset + len(blobs), len(blob)))
+        blobs += blob
+    size = offset + len(blobs)
+    header = (
+        struct.pack(">I4sI4s4s4s", size, b"none", 0x02100000, b"mntr", space.encode(), b"XYZ ")
+        + bytes(12)
+        + b"acsp"
+        + bytes(4 + 4 + 4 + 4 + 8 + 4)
+        + b"".join(_s15(c) for c in d50)
+        + bytes(4 + 16 + 28)
+    )
+    assert len(header) == 128
+    return header + struct.pack(">I", len(tags)) + b"".join(entries) + blobs
+
+
+# sRGB's colorants adapted to D50, in the order R, G, B
+SRGB_COLORANTS = [(0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141)]
+
+
+def gif_with_frames(screen: tuple[int, int], frames: list[tuple[int, int, int, int]]) -> bytes:
+    """A GIF built by hand: a ``screen`` (width, height) with a 4-colour global palette and one
+    frame per (left, top, width, height), each filled with colour 1, LZW-coded without
+    compression (a clear code every two pixels keeps codes 3 bits wide)."""
+    out = bytearray(b"GIF89a" + struct.pack("<HHBBB", *screen, 0x81, 0, 0))
+    out += bytes([0, 0, 0, 255, 255, 255, 255, 0, 0, 0, 0, 255])  # 4 colours
+    for left, top, width, height in frames:
+        out += b"\x2c" + struct.pack("<HHHHB", left, top, width, height, 0) + b"\x02"
+        codes = []
+        for i in range(width * height):
+            if i % 2 == 0:
+                codes.append(4)  # clear
+            codes.append(1)
+        codes.append(5)  # end of information
+        value = sum(code << (3 * i) for i, code in enumerate(codes))
+        data = value.to_bytes((3 * len(codes) + 7) // 8, "little")
+        for start in range(0, len(data), 255):
+            block = data[start : start + 255]
+            out += bytes([len(block)]) + block
+        out += b"\x00"
+    return bytes(out + b"\x3b")

@@ -46,3 +46,17 @@ def make_model_checkpoint(models_dir: Path, task: str = "mnist_lenet5", seed: in
     return save_checkpoint(
         CheckpointStore(models_dir), record, result, torch.device("cpu"), TrainingContext()
     )
+
+
+def save_training_result(models_dir: Path, task: str, result: TrainingResult) -> str:
+    """Save a real ``run_training`` result as the worker would; returns its model id."""
+    record = JobRecord(
+        id=uuid.uuid4().hex,
+        task=task,
+        status=JobStatus.running,
+        hyperparameters={"epochs": len(result.metrics)},
+        created_at=datetime.now(UTC),
+    )
+    return save_checkpoint(
+        CheckpointStore(models_dir), record, result, torch.device("cpu"), TrainingContext()
+    )

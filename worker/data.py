@@ -14,7 +14,6 @@ loads it in well under a second. A worker process also keeps the last few splits
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import multiprocessing as mp
@@ -31,11 +30,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from core.config import get_settings
+from core.images import DecodeLimits, ImageRejected, decode_image, to_mode
 from tasks import get_task
 from tasks.base import Preset
 
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: images decoded by core.images (zero alpha, ICC to sRGB, transparency on white)
 _MEMORY_CACHE_SIZE = 4
 _memory_cache: OrderedDict[str, ImageDataset] = OrderedDict()
 _open_zips: dict[tuple, zipfile.ZipFile] = {}
@@ -367,16 +367,20 @@ def _child_processes_allowed() -> Iterator[None]:
 
 
 def _decode_chunk(source: ImageFolderSource, names: list[str], preset_dict: dict) -> np.ndarray:
-    """Decode images with Pillow and the preset: uint8 array (len(names), C, H, W)."""
+    """Decode images as /predict does (``core.images``: formats, limits, alpha, ICC, modes), then
+    the preset: uint8 array (len(names), C, H, W)."""
     preset = Preset.from_dict(preset_dict)
+    limits = DecodeLimits.from_settings(get_settings())
     height, width = preset.input_size
     out = np.empty((len(names), preset.channels, height, width), dtype=np.uint8)
     zf = _open_zip(source.zip_path) if source.zip_path else None
     for i, name in enumerate(names):
         try:
             data = zf.read(name) if zf else Path(name).read_bytes()
-            with Image.open(io.BytesIO(data)) as image:
-                out[i] = preset.to_array(image)
+            image, _ = decode_image(data, limits)
+            out[i] = preset.to_array(to_mode(image, preset.mode))
+        except ImageRejected as exc:
+            raise DatasetCorrupt(f"cannot decode {name} in {_describe(source)}: {exc.detail}") from exc
         except Exception as exc:
             raise DatasetCorrupt(f"cannot decode {name} in {_describe(source)}: {exc}") from exc
     return out

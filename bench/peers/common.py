@@ -1,6 +1,6 @@
 """What every peer server runs per request: the service's own decoding, preset and model code.
 
-The peers (TorchServe, LitServe) call exactly the functions ``/predict`` calls -- ``open_upload``
+The peers (TorchServe, LitServe) call exactly the functions ``/predict`` calls -- ``decode_image``
 (decode, EXIF, size checks), ``app.inference.preprocess`` / ``infer`` / ``postprocess`` -- on the
 same checkpoint, so the side-by-side compares serving stacks, not preprocessing.
 """
@@ -11,11 +11,10 @@ from pathlib import Path
 
 import torch
 
-from app.images import open_upload
 from app.inference import LoadedModel, ModelRegistry, infer, postprocess, preprocess
+from core.images import DecodeLimits, decode_image
 from models_store.checkpoint import CheckpointStore
 
-MAX_IMAGE_PIXELS = 40_000_000  # the API's default MAX_IMAGE_PIXELS
 TOP_K = 5
 
 
@@ -27,20 +26,22 @@ def load_model(models_dir: str | Path, model_id: str, threads: int = 1) -> Loade
     return registry.get(registry.resolve(model_id, None))
 
 
-def decode(loaded: LoadedModel, data: bytes) -> tuple[torch.Tensor, bool | None]:
-    """Upload bytes -> (uint8 (C, H, W), inverted) as ``/predict`` prepares them (``invert=auto``).
-    Raises ``app.images.ImageRejected``."""
-    image, _ = open_upload(data, MAX_IMAGE_PIXELS)
-    return preprocess(loaded, image, "auto")
+def decode(loaded: LoadedModel, data: bytes) -> tuple[torch.Tensor, bool | None, dict | None]:
+    """Upload bytes -> (uint8 (C, H, W), inverted, framing) as ``/predict`` prepares them with its
+    default limits, ``invert=auto`` and ``normalize=auto``. Raises ``core.images.ImageRejected``."""
+    image, _ = decode_image(data, DecodeLimits())
+    return preprocess(loaded, image, "auto", "auto")
 
 
-def classify_batch(loaded: LoadedModel, items: list[tuple[torch.Tensor, bool | None]]) -> list[dict]:
+def classify_batch(
+    loaded: LoadedModel, items: list[tuple[torch.Tensor, bool | None, dict | None]]
+) -> list[dict]:
     """Decoded images -> one ``{"predictions": [{index, label, probability}]}`` per image, the
     top-5 as ``/predict`` answers them."""
-    probabilities = infer(loaded, torch.stack([pixels for pixels, _ in items]))
+    probabilities = infer(loaded, torch.stack([pixels for pixels, _, _ in items]))
     out = []
-    for row, (_, inverted) in zip(probabilities, items, strict=True):
-        result = postprocess(row, TOP_K, inverted)
+    for row, (_, inverted, framing) in zip(probabilities, items, strict=True):
+        result = postprocess(row, TOP_K, inverted, framing)
         out.append(
             {
                 "predictions": [

@@ -180,6 +180,12 @@ def test_unknown_or_repeated_form_fields_are_422(lenet_stack):
             ],
         )
         assert twice.status_code == 422 and "task" in twice.json()["detail"]
+        empty = client.post(
+            "/predict",
+            files={"file": ("d.png", digit_png())},
+            data={"task": "mnist_lenet5", "model_id": "", "top_k": ""},
+        )
+        assert empty.status_code == 422 and "model_id, top_k given empty" in empty.json()["detail"]
         assert loads == []
 
 

@@ -2,17 +2,44 @@
 
 from __future__ import annotations
 
+import io
 import struct
+import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from app.images import ImageRejected, open_upload, should_invert, to_mode
-from tests.factories import image_bytes
+from core.images import (
+    MAX_FRAMES,
+    DecodeLimits,
+    ImageRejected,
+    count_jpeg_scans,
+    decode_image,
+    frame_digit,
+    load_image,
+    open_image,
+    should_invert,
+    tiff_compressions,
+    to_mode,
+)
+from tests.factories import (
+    SRGB_COLORANTS,
+    bmp_v5,
+    gif_with_frames,
+    icc_profile,
+    image_bytes,
+    progressive_scan_bomb,
+)
 
 MAX = 40_000_000
+REPO = Path(__file__).resolve().parents[2]
+
+
+def open_upload(data: bytes, max_pixels: int = MAX) -> tuple[Image.Image, dict]:
+    return decode_image(data, DecodeLimits(max_pixels=max_pixels))
 
 
 def decode(data: bytes, mode: str) -> Image.Image:
@@ -166,3 +193,298 @@ def test_pixel_bomb_refused_before_decoding():
     with pytest.raises(ImageRejected) as info:
         open_upload(png_header_only(2000, 2000), max_pixels=1_000_000)
     assert info.value.status_code == 413
+
+
+# Cost: JPEG scans and the decode budget -------------------------------------------------------
+
+CASES = next(
+    (
+        path
+        for path in (REPO.parent / "shared" / "cases" / "inputs-2", Path("/work/shared/cases/inputs-2"))
+        if path.exists()
+    ),
+    REPO.parent / "shared" / "cases" / "inputs-2",
+)
+
+
+def test_scans_are_counted_from_the_bytes():
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    assert count_jpeg_scans(image_bytes(photo, "JPEG")) == 1
+    assert 2 < count_jpeg_scans(image_bytes(photo, "JPEG", progressive=True)) < 20
+    assert count_jpeg_scans(progressive_scan_bomb(64, 64, 883)) == 883
+    exif = Image.Exif()
+    exif[0x010E] = "a description with \xff\xda bytes in it"
+    assert count_jpeg_scans(image_bytes(photo, "JPEG", exif=exif)) == 1  # segments are skipped
+
+
+def test_progressive_scan_bomb_is_refused_before_decoding():
+    """The case's kind: 6000 x 6000, 883 scans, 134 KB; decoding takes 13-70 s."""
+    bomb = progressive_scan_bomb(6000, 6000, 883)
+    assert len(bomb) < 140_000
+    start = time.perf_counter()
+    with pytest.raises(ImageRejected) as info:
+        open_upload(bomb)
+    assert time.perf_counter() - start < 1.0
+    assert info.value.status_code == 413 and "883 scans" in info.value.detail
+    assert "MAX_JPEG_SCANS" in info.value.detail
+
+
+def test_the_case_file_itself_is_refused_when_present():
+    case = CASES / "progressive_scanbomb_6000.jpg"
+    if not case.exists():  # shared cases live outside the repository
+        pytest.skip(f"{case} not present")
+    with pytest.raises(ImageRejected) as info:
+        open_upload(case.read_bytes())
+    assert info.value.status_code == 413
+
+
+def test_decode_cost_budget_refuses_many_scans_over_many_pixels():
+    """Under the scan cap but over the cost budget (pixels x scans): refused, not decoded."""
+    limits = DecodeLimits(max_decode_cost=100_000_000)
+    with pytest.raises(ImageRejected) as info:
+        open_image(progressive_scan_bomb(2000, 2000, 400), limits)  # 1.6e9 pixel-scans
+    assert info.value.status_code == 413 and "MAX_DECODE_COST" in info.value.detail
+    image, info_ = open_image(progressive_scan_bomb(2000, 2000, 20), limits)  # 8e7: decoded
+    assert info_["scans"] == 20 and info_["cost"] == 80_000_000
+    assert load_image(image, info_, limits).size == (2000, 2000)
+
+
+def test_cost_of_other_formats_is_their_pixels():
+    _, info = open_image(image_bytes(Image.new("RGB", (300, 200)), "PNG"))
+    assert info["cost"] == 60_000 and "scans" not in info
+
+
+# Pixel limit for every format and every frame -------------------------------------------------
+
+ACCEPTED = {"PNG": {}, "JPEG": {}, "GIF": {}, "TIFF": {}, "WEBP": {"lossless": True}, "BMP": {}}
+
+
+@pytest.mark.parametrize("fmt", list(ACCEPTED))
+def test_pixel_limit_holds_for_every_accepted_format(fmt):
+    data = image_bytes(Image.new("RGB", (300, 300), (10, 20, 30)), fmt, **ACCEPTED[fmt])
+    with pytest.raises(ImageRejected) as info:
+        open_image(data, DecodeLimits(max_pixels=10_000))
+    assert info.value.status_code == 413 and "90000 pixels" in info.value.detail
+    assert Image.MAX_IMAGE_PIXELS == 10_000  # Pillow's own check uses the service's limit
+    assert open_upload(data)[0].size == (300, 300)
+
+
+def test_pillow_bomb_error_inside_open_is_413():
+    """Pillow refuses > 2 x MAX_IMAGE_PIXELS inside Image.open (a WebP canvas, before our check)."""
+    data = image_bytes(Image.new("RGB", (300, 300)), "WEBP")
+    with pytest.raises(ImageRejected) as info:
+        open_image(data, DecodeLimits(max_pixels=1000))
+    assert info.value.status_code == 413
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "MPO", "GIF"])
+def test_a_huge_later_frame_is_refused(fmt):
+    """First frame small, a later one over the limit: refused from the headers, whatever frame
+    is used."""
+    small, big = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (300, 300), (0, 0, 255))
+    limits = DecodeLimits(max_pixels=10_000)
+    if fmt == "GIF":  # a second frame placed far outside the 8 x 8 screen grows the canvas
+        data, expected = gif_with_frames((8, 8), [(0, 0, 8, 8), (5000, 0, 8, 8)]), "5008x8"
+    else:
+        data, expected = image_bytes(small, fmt, save_all=True, append_images=[big]), "300x300"
+    image, info = open_image(data)
+    assert info["frames"] == 2 and image.size == (8, 8)
+    with pytest.raises(ImageRejected) as rejected:
+        open_image(data, limits)
+    assert rejected.value.status_code == 413 and "frame 2 of 2" in rejected.value.detail
+    assert expected in rejected.value.detail
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "PNG", "WEBP", "GIF"])
+def test_too_many_frames_is_413(fmt):
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)) for _ in range(MAX_FRAMES + 1)]
+    params = {"lossless": True} if fmt == "WEBP" else {}
+    data = image_bytes(frames[0], fmt, save_all=True, append_images=frames[1:], **params)
+    with pytest.raises(ImageRejected) as info:
+        open_image(data)
+    assert info.value.status_code == 413 and "frames" in info.value.detail
+    _, ok = open_image(image_bytes(frames[0], fmt, save_all=True, append_images=frames[1:3], **params))
+    assert ok["frames"] == 3
+
+
+# Allow-list -----------------------------------------------------------------------------------
+
+
+def eps_bytes() -> bytes:
+    """An EPS file: Pillow would hand it to Ghostscript when installed."""
+    return (
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
+        b"newpath 0 0 moveto 10 10 lineto stroke\nshowpage\n"
+    )
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "ICO", "PCX", "PPM", "TGA", "SGI", "JPEG2000", "DDS", "QOI"])
+def test_formats_outside_the_allow_list_are_415(fmt):
+    image = Image.new("RGB", (16, 16), (10, 20, 30))
+    data = eps_bytes() if fmt == "EPS" else image_bytes(image, fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt  # Pillow itself would open it
+    with pytest.raises(ImageRejected) as info:
+        open_upload(data)
+    assert info.value.status_code == 415 and "PNG, JPEG, GIF, TIFF, WebP, BMP" in info.value.detail
+
+
+def test_tiff_compression_this_build_cannot_decode_is_415_not_corrupt():
+    """ThunderScan-compressed TIFF: libtiff cannot decode it here (nor can Pillow write one)."""
+    assert "thunderscan" not in " ".join(tiff_compressions()) and "tiff_lzw" in tiff_compressions()
+    data = bytearray(image_bytes(Image.new("RGB", (16, 16), (1, 2, 3)), "TIFF", compression="tiff_lzw"))
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for i in range(struct.unpack("<H", data[ifd : ifd + 2])[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack("<H", data[entry : entry + 2])[0] == 259:  # Compression
+            data[entry + 8 : entry + 10] = struct.pack("<H", 32809)
+    with pytest.raises(ImageRejected) as info:
+        open_upload(bytes(data))
+    assert info.value.status_code == 415 and "tiff_thunderscan" in info.value.detail
+
+
+def test_missing_decoder_is_415_not_corrupt(monkeypatch):
+    """A Pillow built without libjpeg raises 'decoder jpeg not available' on load."""
+    data = image_bytes(Image.new("RGB", (16, 16)), "JPEG")
+    monkeypatch.delattr(Image.core, "jpeg_decoder")
+    with pytest.raises(ImageRejected) as info:
+        open_upload(data)
+    assert info.value.status_code == 415 and "decoder jpeg not available" in info.value.detail
+
+
+# The picture a viewer shows: zero alpha, ICC profiles -----------------------------------------
+
+
+def digit_seven() -> np.ndarray:
+    """uint8 (28, 28, 3): a white 7 on black."""
+    image = Image.new("L", (28, 28), 0)
+    draw = ImageDraw.Draw(image)
+    draw.line([(7, 6), (21, 6), (12, 23)], fill=255, width=3)
+    return np.repeat(np.asarray(image)[..., None], 3, axis=2)
+
+
+def test_bmp_whose_alpha_is_zero_everywhere_is_opaque():
+    """The case: a BMP v5 with an alpha mask whose every byte is 0 shows the digit, like its twin
+    with alpha 255 (it used to be composited onto white and the digit vanished)."""
+    pixels = digit_seven()
+    zero, _ = open_upload(bmp_v5(pixels, alpha=0))
+    opaque, _ = open_upload(bmp_v5(pixels, alpha=255))
+    for mode in ("L", "RGB"):
+        assert np.array_equal(np.asarray(to_mode(zero, mode)), np.asarray(to_mode(opaque, mode)))
+    assert np.asarray(to_mode(zero, "L")).max() == 255 and np.asarray(to_mode(zero, "L")).min() == 0
+    half = bmp_v5(pixels, alpha=0)[:-4] + b"\x00\x00\x00\x80"  # one pixel half transparent: kept
+    assert open_upload(half)[0].mode == "RGBA"
+
+
+def test_case_bmp_files_decode_alike_when_present():
+    zero, opaque = CASES / "bmp_v5_alpha_zero_digit7.bmp", CASES / "bmp_v5_alpha_ff_digit7.bmp"
+    if not zero.exists():
+        pytest.skip(f"{zero} not present")
+    assert np.array_equal(
+        np.asarray(decode(zero.read_bytes(), "L")), np.asarray(decode(opaque.read_bytes(), "L"))
+    )
+
+
+def test_fully_transparent_png_is_still_transparent():
+    """Zero alpha means opaque only in BMP; a PNG's alpha is honoured (viewers show nothing)."""
+    image = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert np.asarray(decode(image_bytes(image, "PNG"), "L")).min() == 255
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF", "WEBP"])
+def test_icc_profile_is_converted_to_srgb(fmt):
+    """A profile whose red primary is sRGB's green: stored (255, 0, 0) is displayed green."""
+    swapped = icc_profile("RGB ", [SRGB_COLORANTS[1], SRGB_COLORANTS[0], SRGB_COLORANTS[2]])
+    params = {"lossless": True} if fmt == "WEBP" else {}
+    data = image_bytes(Image.new("RGB", (8, 8), (255, 0, 0)), fmt, icc_profile=swapped, **params)
+    image, info = open_upload(data)
+    red, green, blue = np.asarray(to_mode(image, "RGB"))[4, 4].astype(int)
+    assert green > 240 and red < 20 and blue < 20, (red, green, blue)
+    assert "-> sRGB" in info["icc"]
+
+
+def test_gray_icc_profile_and_alpha_are_kept():
+    linear = icc_profile("GRAY", gamma=1.0)  # linear light: 128 is displayed as sRGB 188
+    image = Image.new("LA", (8, 8), (128, 255))
+    decoded, _ = open_upload(image_bytes(image, "PNG", icc_profile=linear))
+    assert decoded.mode == "RGBA" and abs(int(np.asarray(to_mode(decoded, "L"))[4, 4]) - 188) <= 2
+
+
+def test_unreadable_or_mismatched_icc_profile_is_ignored():
+    image = Image.new("RGB", (8, 8), (255, 0, 0))
+    for profile, note in ((b"garbage" * 20, "unreadable"), (icc_profile("GRAY"), "GRAY profile")):
+        decoded, info = open_upload(image_bytes(image, "PNG", icc_profile=profile))
+        assert note in info["icc"] and tuple(np.asarray(to_mode(decoded, "RGB"))[4, 4]) == (255, 0, 0)
+
+
+# MNIST framing --------------------------------------------------------------------------------
+
+
+def ink_geometry(pixels: np.ndarray) -> tuple[int, int, float, float]:
+    """(height, width) of the ink's bounding box and its centre of mass (x, y)."""
+    rows, cols = np.flatnonzero((pixels > 50).any(1)), np.flatnonzero((pixels > 50).any(0))
+    ys, xs = np.mgrid[: pixels.shape[0], : pixels.shape[1]]
+    total = pixels.sum()
+    return (
+        rows[-1] - rows[0] + 1,
+        cols[-1] - cols[0] + 1,
+        (pixels * xs).sum() / total,
+        (pixels * ys).sum() / total,
+    )
+
+
+@pytest.mark.parametrize(
+    ("size", "box"),
+    [((200, 120), (30, 10, 90, 110)), ((28, 28), (3, 1, 25, 27)), ((50, 50), (40, 40, 46, 49))],
+)
+def test_framing_scales_the_ink_box_to_20_and_centres_its_mass(size, box):
+    """Large, tight-cropped and small off-centre ink: longer side 20, aspect kept, mass at (14, 14)."""
+    image = Image.new("L", size, 0)
+    ImageDraw.Draw(image).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=255)
+    framed, info = frame_digit(image)
+    pixels = np.asarray(framed, dtype=np.float64)
+    height, width, cx, cy = ink_geometry(pixels)
+    box_w, box_h = box[2] - box[0], box[3] - box[1]
+    assert framed.size == (28, 28) and info["applied"] and info["bbox"] == list(box)
+    assert max(height, width) == 20
+    assert abs(min(height, width) - 20 * min(box_w, box_h) / max(box_w, box_h)) <= 1
+    assert abs(cx - 14) <= 0.5 and abs(cy - 14) <= 0.5
+    assert info["scale"] == pytest.approx(20 / max(box_w, box_h), rel=1e-3)
+
+
+def test_framing_keeps_an_mnist_framed_digit_and_removes_the_background():
+    digit = np.zeros((28, 28), np.uint8)
+    digit[4:24, 10:18] = 255  # 20 x 8, mass at (13.5, 13.5): MNIST framing already
+    framed, _ = frame_digit(Image.fromarray(digit))
+    assert np.abs(np.asarray(framed).astype(int) - np.roll(digit, (0, 0))).sum() <= 255 * 20 * 2
+    grey = Image.fromarray(np.clip(digit.astype(int) + 60, 0, 255).astype(np.uint8))  # background 60
+    framed_grey, _ = frame_digit(grey)
+    assert np.asarray(framed_grey).min() == 0 and np.asarray(framed_grey).max() == 255
+    assert np.array_equal(np.asarray(framed_grey), np.asarray(framed))
+
+
+def test_framing_without_ink_changes_nothing():
+    blank = Image.new("L", (40, 40), 30)
+    framed, info = frame_digit(blank)
+    assert framed is blank and info == {"applied": False, "reason": "no ink found"}
+
+
+# Datasets take the same path ------------------------------------------------------------------
+
+
+def test_dataset_images_are_decoded_by_the_same_rules(tmp_path):
+    """worker.data decodes ImageFolder files with core.images: a zero-alpha BMP is opaque there
+    too, and a format outside the allow-list is refused, never handed to another decoder."""
+    from tasks import get_task
+    from worker.data import DatasetCorrupt, ImageFolderSource, _decode_chunk
+
+    pixels = digit_seven()
+    (tmp_path / "zero.bmp").write_bytes(bmp_v5(pixels, alpha=0))
+    (tmp_path / "opaque.bmp").write_bytes(bmp_v5(pixels, alpha=255))
+    (tmp_path / "page.eps").write_bytes(eps_bytes())
+    source, preset = ImageFolderSource(root=str(tmp_path)), get_task("mnist_lenet5").preset.to_dict()
+    zero, opaque = _decode_chunk(source, [str(tmp_path / "zero.bmp"), str(tmp_path / "opaque.bmp")], preset)
+    assert np.array_equal(zero, opaque) and zero.max() == 255
+    with pytest.raises(DatasetCorrupt, match="accepted format"):
+        _decode_chunk(source, [str(tmp_path / "page.eps")], preset)

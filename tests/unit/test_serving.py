@@ -3,6 +3,7 @@ light models are recognised, and /predict's pipeline answers the same with every
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 
@@ -116,18 +117,29 @@ def test_predict_through_the_batcher_equals_a_direct_forward_pass(tmp_path):
     assert batched.batcher.images == 6
 
 
-def test_light_models_run_inline_and_heavy_ones_do_not(tmp_path):
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 0).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_light_models_run_inline_for_small_images_and_heavy_ones_do_not(tmp_path):
     store = CheckpointStore(tmp_path)
     lenet = make_model_checkpoint(tmp_path, "mnist_lenet5")
     resnet = make_model_checkpoint(tmp_path, "hymenoptera_resnet18")
     registry = ModelRegistry(store, backend="onnxruntime", batcher=MicroBatcher(), inline_ms=5.0)
-    assert not registry.runs_inline(lenet, None, 1000)  # not loaded yet: no guess
+    digit = _png(28, 28)
+    assert not registry.runs_inline(lenet, None, digit)  # not loaded yet: no guess
     small = registry.get(store.get(lenet))
     big = registry.get(store.get(resnet))
     assert small.light and small.infer_ms < 5.0
     assert not big.light and big.infer_ms >= 5.0
-    assert registry.runs_inline(lenet, None, 1000)
-    assert registry.runs_inline(None, "mnist_lenet5", 1000)
-    assert not registry.runs_inline(lenet, None, registry.INLINE_MAX_UPLOAD_BYTES + 1)  # a big upload
-    assert not registry.runs_inline(resnet, None, 1000)
-    assert not ModelRegistry(store, inline_ms=0).runs_inline(lenet, None, 10)
+    assert registry.runs_inline(lenet, None, digit)
+    assert registry.runs_inline(None, "mnist_lenet5", digit)
+    # a small file of many pixels (PNG compresses a blank 4000 x 4000 to a few KB): decoded in a thread
+    blank = _png(4000, 4000)
+    assert len(blank) < registry.INLINE_MAX_UPLOAD_BYTES and not registry.runs_inline(lenet, None, blank)
+    assert not registry.runs_inline(lenet, None, digit + b"\0" * registry.INLINE_MAX_UPLOAD_BYTES)
+    assert not registry.runs_inline(lenet, None, b"not an image")
+    assert not registry.runs_inline(resnet, None, digit)
+    assert not ModelRegistry(store, inline_ms=0).runs_inline(lenet, None, digit)

@@ -12,11 +12,11 @@ from starlette.datastructures import FormData
 
 from app.api.deps import RegistryDep, SettingsDep
 from app.forms import FileFormRoute
-from app.images import ImageRejected, InvertChoice, open_upload
 from app.inference import ModelRegistry, predict
 from app.metrics import PREDICTION_SECONDS
 from app.schemas import ClassProbability, PredictionPublic, error_responses
 from core.config import Settings
+from core.images import DecodeLimits, ImageRejected, InvertChoice, NormalizeChoice, load_image, open_image
 from models_store.checkpoint import MODEL_ID_PATTERN
 from tasks import TaskName
 from tasks.base import Preset
@@ -39,12 +39,14 @@ router = APIRouter(tags=["predict"], route_class=FileFormRoute)
             "model mnist_lenet5-20261129-161500-5f2c1e0b failed verification: sha256 mismatch",
         ),
         _413=(
-            "File over MAX_UPLOAD_BYTES or image over MAX_IMAGE_PIXELS.",
+            "File over MAX_UPLOAD_BYTES; image (any frame) over MAX_IMAGE_PIXELS, MAX_JPEG_SCANS or "
+            "MAX_DECODE_COST.",
             "the file is larger than the limit of 10485760 bytes (MAX_UPLOAD_BYTES)",
         ),
         _415=(
-            "Not an image Pillow can read, or a body with a Content-Encoding (compressed).",
-            "the uploaded file is not an image format Pillow can read",
+            "Not an accepted format (PNG, JPEG, GIF, TIFF, WebP, BMP), no decoder for it here, or a "
+            "body with a Content-Encoding (compressed).",
+            "the uploaded file is not an image in an accepted format (PNG, JPEG, GIF, TIFF, WebP, BMP)",
         ),
         _422=(
             "A form field is invalid (FastAPI's list of errors), or the request as a whole is: corrupt "
@@ -57,7 +59,7 @@ async def predict_image(
     request: Request,
     file: Annotated[
         UploadFile,
-        File(description="The image: any format and mode Pillow reads (PNG, JPEG, GIF, TIFF, WebP...)."),
+        File(description="The image: PNG, JPEG, GIF, TIFF, WebP or BMP, in any mode."),
     ],
     registry: RegistryDep,
     settings: SettingsDep,
@@ -84,11 +86,23 @@ async def predict_image(
             examples=["auto"],
         ),
     ] = "auto",
+    normalize: Annotated[
+        NormalizeChoice,
+        Form(
+            description=(
+                "MNIST only: `auto` frames the digit as MNIST's were (ink box scaled into 20x20, centre "
+                "of mass at the centre of 28x28), after inversion; `none` only resizes to 28x28."
+            ),
+            examples=["auto"],
+        ),
+    ] = "auto",
 ) -> PredictionPublic:
     """Top-k class probabilities. Preprocessing is the checkpoint's own evaluation preset.
 
     Decoding and inference run in worker threads, at most INFERENCE_CONCURRENCY at a time (first
-    come, first served), so a burst of requests queues instead of thrashing the CPU.
+    come, first served), so a burst of requests queues instead of thrashing the CPU. The header is
+    read first (no slot held): uploads costing more than HEAVY_DECODE_COST to decode wait for a lane
+    of their own, one at a time, so they never hold the slots that small images use.
     """
     _check_form_fields(await request.form())
     if not task and not model_id:
@@ -99,17 +113,26 @@ async def predict_image(
             status.HTTP_413_CONTENT_TOO_LARGE,
             f"the file is larger than the limit of {settings.max_upload_bytes} bytes (MAX_UPLOAD_BYTES)",
         )
-    async with request.app.state.inference_slots:
-        if registry.runs_inline(model_id, task, len(data)):  # a light model: a thread hop costs more
-            return _classify(registry, settings, data, model_id, task, top_k, invert)
-        return await run_in_threadpool(_classify, registry, settings, data, model_id, task, top_k, invert)
+    limits = DecodeLimits.from_settings(settings)
+    if registry.runs_inline(model_id, task, data):  # light model, small image: thread hops cost more
+        image, info = open_image(data, limits)
+        async with request.app.state.inference_slots:
+            return _classify(registry, settings, image, info, model_id, task, top_k, invert, normalize)
+    image, info = await run_in_threadpool(open_image, data, limits)
+    heavy = info["cost"] > settings.heavy_decode_cost
+    lane = request.app.state.heavy_decode_lane if heavy else request.app.state.inference_slots
+    async with lane:
+        return await run_in_threadpool(
+            _classify, registry, settings, image, info, model_id, task, top_k, invert, normalize
+        )
 
 
-FORM_FIELDS = ("file", "task", "model_id", "top_k", "invert")
+FORM_FIELDS = ("file", "task", "model_id", "top_k", "invert", "normalize")
 
 
 def _check_form_fields(form: FormData) -> None:
-    """422 for an unknown field (a typo such as ``topk`` would otherwise be ignored) or a repeated one."""
+    """422 for an unknown field (a typo such as ``topk`` would otherwise be ignored), a repeated one,
+    or an empty one (``model_id=`` would otherwise silently mean "no model_id")."""
     unknown = sorted({name for name in form if name not in FORM_FIELDS})
     if unknown:
         raise HTTPException(
@@ -121,18 +144,28 @@ def _check_form_fields(form: FormData) -> None:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT, f"form field(s) given twice: {', '.join(repeated)}"
         )
+    # FastAPI reads an empty text field as absent; the spec (and a typo check) says it is invalid
+    empty = sorted({name for name, value in form.multi_items() if isinstance(value, str) and value == ""})
+    if empty:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"form field(s) {', '.join(empty)} given empty; leave a field out to use its default",
+        )
 
 
 def _classify(
     registry: ModelRegistry,
     settings: Settings,
-    data: bytes,
+    image: Image.Image,
+    info: dict,
     model_id: str | None,
     task: str | None,
     top_k: int,
     invert: InvertChoice,
+    normalize: NormalizeChoice,
 ) -> PredictionPublic:
-    image, info = open_upload(data, settings.max_image_pixels)
+    image = load_image(image, info, DecodeLimits.from_settings(settings))
+    info = {k: v for k, v in info.items() if k != "cost"}
     try:
         checkpoint = registry.resolve(model_id, task)
     except ValueError as exc:
@@ -140,7 +173,7 @@ def _classify(
     loaded = registry.get(checkpoint)
     _check_resized_size(image, loaded.preset, settings.max_image_pixels)
     start = time.perf_counter()
-    result = predict(loaded, image, top_k, invert)
+    result = predict(loaded, image, top_k, invert, normalize)
     PREDICTION_SECONDS.labels(task=loaded.task).observe(time.perf_counter() - start)
     return PredictionPublic(
         model_id=loaded.model_id,
@@ -151,6 +184,7 @@ def _classify(
         ],
         inverted=result.inverted,
         image=info,
+        framing=result.framing,
     )
 
 
