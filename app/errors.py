@@ -17,9 +17,11 @@ from kombu.exceptions import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from app.inference import AliasDangling
 from app.protocol import allowed_methods
 from core.images import ImageRejected
 from core.jobs import JobRecordCorrupt
+from models_store.aliases import AliasStoreUnavailable, InvalidAlias
 from models_store.checkpoint import CheckpointInvalid, InvalidModelId, ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -137,3 +139,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ImageRejected)
     async def image_rejected(request: Request, exc: ImageRejected) -> JSONResponse:
         return _detail(exc.status_code, exc.detail)
+
+    @app.exception_handler(InvalidAlias)
+    async def invalid_alias(request: Request, exc: InvalidAlias) -> JSONResponse:
+        return _detail(422, str(exc))
+
+    @app.exception_handler(AliasDangling)
+    async def alias_dangling(request: Request, exc: AliasDangling) -> JSONResponse:
+        return _detail(409, str(exc))
+
+    @app.exception_handler(AliasStoreUnavailable)
+    async def alias_store_unavailable(request: Request, exc: AliasStoreUnavailable) -> JSONResponse:
+        return _detail(503, str(exc), {"Retry-After": "5"})

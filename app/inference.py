@@ -20,7 +20,14 @@ from PIL import Image
 
 from app.serving import Backend, MicroBatcher, build_backend
 from core.images import InvertChoice, NormalizeChoice, frame_digit, should_invert, to_mode
-from models_store.checkpoint import CheckpointInfo, CheckpointInvalid, CheckpointStore, ModelNotFound
+from models_store.aliases import DEFAULT_ALIAS, AliasStore, model_name
+from models_store.checkpoint import (
+    CheckpointError,
+    CheckpointInfo,
+    CheckpointInvalid,
+    CheckpointStore,
+    ModelNotFound,
+)
 from tasks import get_task
 from tasks.base import Preset
 
@@ -58,12 +65,17 @@ class Prediction:
     framing: dict | None = None
 
 
+class AliasDangling(CheckpointError):
+    """An alias points at a model that no longer exists (deleted outside the API)."""
+
+
 class ModelRegistry:
     """Resolves and caches models of one ``CheckpointStore``; safe to use from many threads.
 
     Args:
         store: the checkpoint store.
         cache_size: models kept loaded (least recently used evicted).
+        aliases: the alias store; without one, aliases are not looked up.
         device: where models run (``INFERENCE_DEVICE``).
         backend: ``torch``, ``onnxruntime`` or ``auto`` (``INFERENCE_BACKEND``, see
             ``app.serving.build_backend``).
@@ -82,6 +94,7 @@ class ModelRegistry:
         self,
         store: CheckpointStore,
         cache_size: int = 4,
+        aliases: AliasStore | None = None,
         device: torch.device | str = "cpu",
         backend: str = "torch",
         threads: int = 1,
@@ -90,6 +103,7 @@ class ModelRegistry:
     ):
         self.store = store
         self.cache_size = cache_size
+        self.aliases = aliases
         self.device = torch.device(device)
         self.backend = backend
         self.threads = threads
@@ -101,12 +115,56 @@ class ModelRegistry:
         self._load_locks: dict[str, threading.Lock] = {}
 
     def resolve(self, model_id: str | None, task: str | None) -> CheckpointInfo:
-        """The checkpoint to use: ``model_id`` if given, else the newest valid one of ``task``
-        (the caller gives at least one of them).
+        """The checkpoint ``resolve_with_alias(model_id, task)`` picks."""
+        return self.resolve_with_alias(model_id, task)[0]
 
-        Raises ``InvalidModelId``, ``ModelNotFound``, ``CheckpointInvalid``, ``ValueError``
-        (model_id of another task).
+    def resolve_with_alias(
+        self, model_id: str | None, task: str | None, alias: str | None = None, name: str | None = None
+    ) -> tuple[CheckpointInfo, str | None]:
+        """The checkpoint to use and the alias that chose it (None if none did).
+
+        ``model_id`` if given; else ``alias`` of the model name (``name``, e.g. an uploaded
+        dataset, or else ``task``); else the ``production`` alias of that name when set; else the
+        newest valid model of ``task``.
+
+        Raises ``InvalidModelId``, ``ModelNotFound`` (also: no such alias), ``CheckpointInvalid``,
+        ``AliasDangling``, ``InvalidAlias``, ``AliasStoreUnavailable``, ``ValueError`` (model_id
+        of another task, model_id and alias together, or nothing to choose by).
         """
+        if model_id and alias:
+            raise ValueError("give alias or model_id, not both")
+        name = name or task
+        if alias and not name:
+            raise ValueError("give the task (or dataset) the alias belongs to")
+        if alias and self.aliases is None:
+            raise ValueError("this registry has no alias store")
+        if not model_id and self.aliases is not None and name:
+            pinned = self.aliases.get(name, alias or DEFAULT_ALIAS)
+            if pinned is None and alias:
+                raise ModelNotFound(
+                    f"no model of {name} has the alias {alias!r}: "
+                    f"set it with PUT /models/{{id}}/aliases/{alias}"
+                )
+            if pinned is not None:
+                alias = alias or DEFAULT_ALIAS
+                try:
+                    info = self.store.get(pinned)
+                except ModelNotFound:
+                    raise AliasDangling(
+                        f"alias {alias!r} of {name} points at model {pinned}, which no longer exists "
+                        f"(deleted outside the API): move the alias with PUT /models/{{id}}/aliases/{alias}"
+                    ) from None
+                if not info.valid:
+                    raise CheckpointInvalid(
+                        f"alias {alias!r} of {name} points at model {pinned}, which failed verification: "
+                        f"{info.error}"
+                    )
+                if task and info.task != task:
+                    raise ValueError(f"alias {alias!r} of {name} is a {info.task} model, not {task}")
+                return info, alias
+        return self._resolve_plain(model_id, task, name), None
+
+    def _resolve_plain(self, model_id: str | None, task: str | None, name: str | None) -> CheckpointInfo:
         if model_id:
             info = self.store.get(model_id)
             if not info.valid:
@@ -114,9 +172,15 @@ class ModelRegistry:
             if task and info.task != task:
                 raise ValueError(f"model {model_id} is a {info.task} model, not {task}")
             return info
-        info = self.store.newest(task)
+        if not task and not name:
+            raise ValueError("give either task or model_id")
+        if name and name != task:
+            infos = (i for i in self.store.list() if i.valid and model_name(i.metadata) == name)
+            info = next((i for i in infos if not task or i.task == task), None)
+        else:
+            info = self.store.newest(task)
         if info is None:
-            raise ModelNotFound(f"no trained {task} model yet: submit a job with POST /jobs first")
+            raise ModelNotFound(f"no trained {name or task} model yet: submit a job with POST /jobs first")
         return info
 
     def get(self, info: CheckpointInfo) -> LoadedModel:
@@ -212,6 +276,16 @@ def _forward_ms(backend: Backend, preset: Preset) -> float:
         backend(zeros)
         best = min(best, time.perf_counter() - start)
     return 1000 * best
+
+    def evict(self, model_id: str) -> None:
+        """Forget a loaded model (after it was deleted). Requests already holding it finish with it."""
+        with self._lock:
+            self._cache.pop(model_id, None)
+            self._load_locks.pop(model_id, None)
+
+    def cached_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._cache)
 
 
 def _output_count(model: torch.nn.Module, preset: Preset) -> int:

@@ -13,7 +13,9 @@ from fastapi_offline import FastAPIOffline
 
 from app.api.main import api_router
 from app.errors import install_error_handlers, redact_url
+from app.events import EventHub, async_redis_client
 from app.inference import ModelRegistry
+from app.job_metrics import jobs_registry
 from app.limits import BodySizeLimitMiddleware
 from app.metrics import MetricsMiddleware
 from app.openapi import install_openapi
@@ -23,7 +25,9 @@ from app.serving import MicroBatcher
 from core.config import Settings, get_settings
 from core.jobs import JobStore, redis_client
 from core.queue import make_celery
+from models_store.aliases import AliasStore
 from models_store.checkpoint import CheckpointStore
+from models_store.export import ExportCache
 
 log = logging.getLogger("app")
 
@@ -71,21 +75,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.jobs = JobStore(client, settings.redis_prefix)
         app.state.checkpoints = checkpoints
+        app.state.aliases = AliasStore(client, settings.redis_prefix)
+        await anyio.to_thread.run_sync(app.state.aliases.refresh)
         app.state.registry = ModelRegistry(
             checkpoints,
             settings.model_cache_size,
+            app.state.aliases,
             device=inference_device(settings.inference_device),
             backend=settings.inference_backend,
             threads=settings.inference_threads,
             batcher=MicroBatcher(settings.inference_max_batch, settings.inference_max_wait_ms / 1000),
             inline_ms=settings.inference_inline_ms,
         )
+        app.state.exports = ExportCache(settings.cache_dir / "exports")
         app.state.celery = make_celery(settings)
         app.state.inference_slots = anyio.Semaphore(settings.inference_concurrency)
         app.state.heavy_decode_lane = anyio.Semaphore(1)  # uploads over HEAVY_DECODE_COST
+        app.state.redis_async = async_redis_client(settings.redis_url, settings.redis_timeout_s)
+        app.state.event_hub = EventHub(app.state.redis_async)
+        app.state.jobs_registry = jobs_registry(app.state.jobs)
         log.info("API ready: Redis %s, models in %s", redact_url(settings.redis_url), settings.models_dir)
         yield
         client.close()
+        await app.state.redis_async.aclose()
 
     # Swagger UI 5 and ReDoc served from the package (no CDN), so /docs works offline.
     app = FastAPIOffline(
@@ -121,7 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "HEAD", "POST"],
+            allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
         )
     app.add_middleware(MetricsMiddleware)

@@ -14,7 +14,10 @@ ERROR_REF = "#/components/schemas/ErrorPublic"
 VALIDATION_REF = "#/components/schemas/HTTPValidationError"
 BODY_METHODS = {"post", "put", "patch"}
 # Multipart bodies whose form needs one of these fields (declared as anyOf-required).
-ONE_OF_FIELDS: dict[str, tuple[str, ...]] = {"/predict": ("task", "model_id", "alias")}
+# (`alias` goes with `task`, so it is not one of them.)
+ONE_OF_FIELDS: dict[str, tuple[str, ...]] = {"/predict": ("task", "model_id")}
+# Multipart fields that exclude each other (a 422 when sent together).
+EXCLUSIVE_FIELDS: dict[str, tuple[str, str]] = {"/predict": ("model_id", "alias")}
 # Multipart bodies that refuse unknown fields (a typo such as `topk` is a 422, not ignored).
 CLOSED_FORMS = {"/predict"}
 
@@ -109,6 +112,11 @@ def complete_openapi(schema: dict[str, Any], auth: bool = True) -> dict[str, Any
                 present = [f for f in fields if f in form.get("properties", {})]
                 form["anyOf"] = [{"required": [f], "properties": {f: {"type": "string"}}} for f in present]
                 form["description"] = f"The image, and at least one of: {', '.join(present)}."
+            exclusive = EXCLUSIVE_FIELDS.get(path)
+            if exclusive and ref:
+                form = components[ref.rsplit("/", 1)[-1]]
+                form["not"] = {"required": list(exclusive)}
+                form["description"] = form.get("description", "") + f" Not both {' and '.join(exclusive)}."
     return schema
 
 

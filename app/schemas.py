@@ -57,6 +57,55 @@ class JobsPublic(BaseModel):
     count: int = Field(description="Jobs matching the filters, over all pages.", examples=[42])
 
 
+class ClassScores(BaseModel):
+    """Precision, recall and F1 of one class on the evaluation split."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    class_: str = Field(alias="class", description="Class name.", examples=["cat"])
+    precision: float = Field(
+        description="Right among those predicted as this class (0 if none).", examples=[0.41]
+    )
+    recall: float = Field(description="Right among the images of this class.", examples=[0.37])
+    f1: float = Field(description="Harmonic mean of precision and recall.", examples=[0.39])
+    support: int = Field(description="Images of this class in the split.", examples=[1000])
+
+
+class Mistake(BaseModel):
+    """One misclassified image of the evaluation split."""
+
+    split: str = Field(description="Split of the image.", examples=["test"])
+    index: int = Field(
+        description="Index of the image in its split (as in GET /datasets/{name}/images/{split}/{index}).",
+        examples=[4411],
+    )
+    true: str = Field(description="Its class.", examples=["cat"])
+    predicted: str = Field(description="The class the model gave it.", examples=["dog"])
+    probability: float = Field(
+        description="The model's probability for the predicted class.", examples=[0.97]
+    )
+
+
+class EvaluationPublic(BaseModel):
+    """The final model on the task's evaluation split (test, or val for hymenoptera), computed when
+    the job succeeded and stored with the checkpoint."""
+
+    split: str = Field(description="test or val.", examples=["test"])
+    dataset: str = Field(description="Dataset name (mnist, cifar10, hymenoptera).", examples=["cifar10"])
+    classes: list[str] = Field(description="Class names, index order.", examples=[["ants", "bees"]])
+    accuracy: float = Field(
+        description="Fraction right: the job's final test (val) accuracy.", examples=[0.43]
+    )
+    confusion_matrix: list[list[int]] = Field(
+        description="Counts, rows = true class, columns = predicted class (classes order).",
+        examples=[[[70, 13], [20, 50]]],
+    )
+    per_class: list[ClassScores] = Field(description="Scores of each class, classes order.")
+    mistakes: list[Mistake] = Field(
+        description="The 25 most confident mistakes, most confident first (ties: lower index first)."
+    )
+
+
 class ModelPublic(BaseModel):
     """A checkpoint in the store."""
 
@@ -95,6 +144,21 @@ class ModelPublic(BaseModel):
         description="sha256 of the weights file.",
         examples=["3b0c9f1e5d2a4c6b8e7f9a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f"],
     )
+    name: str | None = Field(
+        None,
+        description="Name its aliases live under: its dataset if it has one, else its task.",
+        examples=["mnist_lenet5"],
+    )
+    aliases: list[str] = Field(
+        default_factory=list, description="Aliases it carries (e.g. production).", examples=[["production"]]
+    )
+    evaluation: EvaluationPublic | None = Field(
+        None,
+        description=(
+            "Confusion matrix, per-class precision/recall/F1 and the most confident mistakes of the final "
+            "model on the evaluation split (null for checkpoints written before evaluations were stored)."
+        ),
+    )
 
 
 class ModelsPublic(BaseModel):
@@ -102,6 +166,21 @@ class ModelsPublic(BaseModel):
 
     data: list[ModelPublic] = Field(description="The checkpoints on this page.", examples=[[]])
     count: int = Field(description="Checkpoints matching the filters, over all pages.", examples=[3])
+
+
+class AliasPublic(BaseModel):
+    """An alias of a model name, and the model it points at."""
+
+    name: str = Field(
+        description="Model name (task, or dataset of a custom model).", examples=["mnist_lenet5"]
+    )
+    alias: str = Field(description="The alias.", examples=["production"])
+    model_id: str = Field(
+        description="Model it points at now.", examples=["mnist_lenet5-20261129-161500-5f2c1e0b"]
+    )
+    previous_model_id: str | None = Field(
+        None, description="Model it pointed at before (null if it is new).", examples=[None]
+    )
 
 
 class ClassProbability(BaseModel):
@@ -116,6 +195,11 @@ class PredictionPublic(BaseModel):
     """Top-k classes of one image, most probable first."""
 
     model_id: str = Field(description="Checkpoint used.", examples=["mnist_lenet5-20261129-161500-5f2c1e0b"])
+    alias: str | None = Field(
+        None,
+        description="The alias that chose the model (null: model_id or newest).",
+        examples=["production"],
+    )
     task: TaskName = Field(description="Its task.", examples=["mnist_lenet5"])
     predictions: list[ClassProbability] = Field(description="Top-k classes; probabilities sum to <= 1.")
     inverted: bool | None = Field(

@@ -17,6 +17,16 @@ Keys (``p`` = ``REDIS_PREFIX``)::
     p:lease:<id>      token of the worker that runs the job, with a TTL
     p:idem:<key>      "<job id>|<sha256 of the request>" for Idempotency-Key, 24 h
     p:worker:<name>   JSON of a live worker, with a TTL
+    p:events:<id>     stream of the job's events (status, progress, epoch), see below
+    p:events:<id>:progress  list of the ids of its progress events still in the stream
+
+Every transition appends its event to the job's stream inside the same script that writes the
+record, so the record and the stream never disagree: create -> ``status`` queued; start ->
+``status`` running; update -> ``progress`` (when asked) and one ``epoch`` per epoch not yet in
+the stream; finish, cancel, requeue -> ``status``. Each entry has the fields ``type`` and
+``data`` (JSON). Status and epoch events are kept for the life of the record; of the progress
+events (snapshots, at most ~4/s) the latest ``PROGRESS_EVENTS_KEPT`` stay, older ones are
+deleted (``XDEL``), so a stream stays small however long its job runs.
 """
 
 from __future__ import annotations
@@ -42,6 +52,8 @@ log = logging.getLogger(__name__)
 # the text; Python code matches ids with fullmatch (Python's $ also matches before a final newline).
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 IDEMPOTENCY_TTL_S = 24 * 3600
+PROGRESS_EVENTS_KEPT = 1000  # ~4 min of progress at 4 events/s
+EVENT_STREAM_MAXLEN = 20_000  # a safety cap; status + epoch events of any job fit well below it
 _JSON_FIELDS = ("hyperparameters", "progress", "metrics", "timings")
 
 
@@ -63,16 +75,39 @@ class JobProgress(BaseModel):
 
     epoch: int = Field(0, description="Current epoch, 1-based; 0 before training starts.", examples=[3])
     epochs: int = Field(0, description="Total epochs of the job.", examples=[10])
-    batches_done: int = Field(
-        0,
-        description="Batches done in the current epoch (while extracting_features: images).",
-        examples=[412],
-    )
-    batches_total: int = Field(
-        0, description="Batches per epoch (while extracting_features: images to process).", examples=[938]
-    )
+    batches_done: int = Field(0, description="Batches done in the current epoch.", examples=[412])
+    batches_total: int = Field(0, description="Batches per epoch.", examples=[938])
     images_per_s: float | None = Field(
         None, description="Training throughput of the current epoch, images/s.", examples=[9100.5]
+    )
+    loss: float | None = Field(
+        None,
+        description="Running mean training loss of the current epoch so far (null before its first batch).",
+        examples=[0.213],
+    )
+    images_done: int = Field(
+        0,
+        description=(
+            "While loading_data: images decoded (or read from the dataset cache) so far, over all the "
+            "job's splits."
+        ),
+        examples=[12000],
+    )
+    images_total: int = Field(
+        0,
+        description="While loading_data: images in the splits loaded so far and the one being loaded.",
+        examples=[60000],
+    )
+    features_done: int = Field(
+        0,
+        description=(
+            "While extracting_features (ResNet18 feature_extraction): images through the frozen backbone "
+            "so far (the BatchNorm calibration pass over train, then the train and val features)."
+        ),
+        examples=[500],
+    )
+    features_total: int = Field(
+        0, description="While extracting_features: images to put through the backbone.", examples=[641]
     )
     stage: str = Field(
         "queued",
@@ -216,21 +251,76 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request body."""
 
 
-_CREATE = """
+# Shared Lua: append one event to the job's stream; progress events beyond PROGRESS_EVENTS_KEPT
+# are deleted oldest first. ``emit_events`` reads, from ARGV[start], the count of the job's epoch
+# metrics and their JSON (an epoch event is added for each one past those already in the record's
+# ``metrics``), then the count of other events and (type, data) pairs; returns the next ARGV index.
+_EVENTS_LUA = f"""
+local function add_event(stream, plist, kind, data)
+  local id = redis.call('XADD', stream, 'MAXLEN', '~', {EVENT_STREAM_MAXLEN}, '*', 'type', kind, 'data', data)
+  if kind == 'progress' then
+    redis.call('RPUSH', plist, id)
+    if redis.call('LLEN', plist) > {PROGRESS_EVENTS_KEPT} then
+      redis.call('XDEL', stream, redis.call('LPOP', plist))
+    end
+  end
+  return id
+end
+local function emit_events(job, stream, plist, start)
+  local i = start
+  local n_epochs = tonumber(ARGV[i])
+  i = i + 1
+  if n_epochs > 0 then
+    local done = 0
+    local old = redis.call('HGET', job, 'metrics')
+    if old then
+      local ok, decoded = pcall(cjson.decode, old)
+      if ok and type(decoded) == 'table' then done = #decoded end
+    end
+    for k = done + 1, n_epochs do
+      add_event(stream, plist, 'epoch', ARGV[i + k - 1])
+    end
+  end
+  i = i + n_epochs
+  local n_events = tonumber(ARGV[i])
+  i = i + 1
+  for k = 0, n_events - 1 do
+    add_event(stream, plist, ARGV[i + 2 * k], ARGV[i + 2 * k + 1])
+  end
+  return i + 2 * n_events
+end
+"""
+
+
+def status_event(status: str, error: str | None = None, model_id: str | None = None) -> str:
+    """Data of a ``status`` event: JSON {"status", "error", "model_id"}."""
+    return json.dumps({"status": status, "error": error, "model_id": model_id})
+
+
+# KEYS: job, index, idem, seq, events, progress ids. ARGV: id, body hash, idem ttl, use idem, queued event,
+# field, value, ...
+_CREATE = (
+    _EVENTS_LUA
+    + """
 if ARGV[4] == '1' then
   local existing = redis.call('GET', KEYS[3])
   if existing then return {'existing', existing} end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), ARGV[1])
+add_event(KEYS[5], KEYS[6], 'status', ARGV[5])
 if ARGV[4] == '1' then
   redis.call('SET', KEYS[3], ARGV[1] .. '|' .. ARGV[2], 'EX', ARGV[3])
 end
 return {'created', ARGV[1]}
 """
+)
 
-# KEYS: job, running set, lease. ARGV: id, token, ttl_ms, worker, device, now, max_attempts
-_START = """
+# KEYS: job, running set, lease, events, progress ids.
+# ARGV: id, token, ttl_ms, worker, device, now, max_attempts, running event, cancelled event
+_START = (
+    _EVENTS_LUA
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', 0} end
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'leased', 0} end
@@ -238,15 +328,18 @@ if status ~= 'queued' and status ~= 'running' then return {status, 0} end
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[6])
   redis.call('SREM', KEYS[2], ARGV[1])
+  add_event(KEYS[4], KEYS[5], 'status', ARGV[9])
   return {'cancelled', 0}
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if attempts > tonumber(ARGV[7]) then
   redis.call('HINCRBY', KEYS[1], 'attempts', -1)
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[6], 'error',
-    'gave up after ' .. (attempts - 1) .. ' attempts: the worker running it was lost each time ' ..
-    '(killed, out of memory or crashed)')
+  local err = 'gave up after ' .. (attempts - 1) .. ' attempts: the worker running it was lost ' ..
+    'each time (killed, out of memory or crashed)'
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[6], 'error', err)
   redis.call('SREM', KEYS[2], ARGV[1])
+  add_event(KEYS[4], KEYS[5], 'status',
+    '{"status": "failed", "error": ' .. cjson.encode(err) .. ', "model_id": null}')
   return {'failed', attempts - 1}
 end
 redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
@@ -255,8 +348,10 @@ if redis.call('HEXISTS', KEYS[1], 'started_at') == 0 then
   redis.call('HSET', KEYS[1], 'started_at', ARGV[6])
 end
 redis.call('SADD', KEYS[2], ARGV[1])
+add_event(KEYS[4], KEYS[5], 'status', ARGV[8])
 return {'started', attempts}
 """
+)
 
 # KEYS: lease. ARGV: token, ttl_ms
 _RENEW = """
@@ -266,31 +361,43 @@ end
 return 0
 """
 
-# KEYS: job, lease. ARGV: token, field, value, ...
-_UPDATE = """
+# KEYS: job, lease, events, progress ids. ARGV: token, <events (see emit_events)>, field, value, ...
+_UPDATE = (
+    _EVENTS_LUA
+    + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+local rest = emit_events(KEYS[1], KEYS[3], KEYS[4], 2)
+redis.call('HSET', KEYS[1], unpack(ARGV, rest))
 return 1
 """
+)
 
-# KEYS: job, running set, lease. ARGV: token, id, unless_cancel_requested ('1'/'0'), field, value, ...
-_FINISH = """
+# KEYS: job, running set, lease, events, progress ids.
+# ARGV: token, id, unless_cancel_requested ('1'/'0'), <events (see emit_events)>, field, value, ...
+_FINISH = (
+    _EVENTS_LUA
+    + """
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then return 'not_holder' end
 if ARGV[3] == '1' and redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
   return 'cancel_requested'
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+local rest = emit_events(KEYS[1], KEYS[4], KEYS[5], 4)
+redis.call('HSET', KEYS[1], unpack(ARGV, rest))
 redis.call('SREM', KEYS[2], ARGV[2])
 redis.call('DEL', KEYS[3])
 return 'finished'
 """
+)
 
-# KEYS: job. ARGV: now
-_CANCEL = """
+# KEYS: job, events, progress ids. ARGV: now, cancelled event
+_CANCEL = (
+    _EVENTS_LUA
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if status == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
+  add_event(KEYS[2], KEYS[3], 'status', ARGV[2])
   return 'cancelled'
 end
 if status == 'running' then
@@ -299,9 +406,12 @@ if status == 'running' then
 end
 return 'ended:' .. status
 """
+)
 
-# KEYS: job, running set, lease. ARGV: id, now
-_REQUEUE = """
+# KEYS: job, running set, lease, events, progress ids. ARGV: id, now, cancelled event, queued event
+_REQUEUE = (
+    _EVENTS_LUA
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'running' then
   redis.call('SREM', KEYS[2], ARGV[1])
@@ -311,11 +421,14 @@ if redis.call('EXISTS', KEYS[3]) == 1 then return 'alive' end
 redis.call('SREM', KEYS[2], ARGV[1])
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2])
+  add_event(KEYS[4], KEYS[5], 'status', ARGV[3])
   return 'cancelled'
 end
 redis.call('HSET', KEYS[1], 'status', 'queued')
+add_event(KEYS[4], KEYS[5], 'status', ARGV[4])
 return 'requeued'
 """
+)
 
 
 class JobStore:
@@ -345,6 +458,13 @@ class JobStore:
 
     def lease_key(self, job_id: str) -> str:
         return f"{self.prefix}:lease:{job_id}"
+
+    def events_key(self, job_id: str) -> str:
+        """The job's event stream (see the module docstring)."""
+        return f"{self.prefix}:events:{job_id}"
+
+    def _event_keys(self, job_id: str) -> list[str]:
+        return [self.events_key(job_id), f"{self.events_key(job_id)}:progress"]
 
     @property
     def index_key(self) -> str:
@@ -396,10 +516,17 @@ class JobStore:
             body_hash,
             IDEMPOTENCY_TTL_S,
             "1" if idempotency_key else "0",
+            status_event(JobStatus.queued),
             *[item for pair in fields.items() for item in pair],
         ]
         idem_key = self._idem_key(idempotency_key or "-", owner)
-        keys = [self.job_key(job_id), self.index_key, idem_key, f"{self.index_key}:seq"]
+        keys = [
+            self.job_key(job_id),
+            self.index_key,
+            idem_key,
+            f"{self.index_key}:seq",
+            *self._event_keys(job_id),
+        ]
         outcome, value = self._create(keys=keys, args=argv)
         if outcome == "created":
             return self.get(job_id), True
@@ -415,7 +542,7 @@ class JobStore:
     def delete(self, job_id: str, idempotency_key: str | None = None, owner: str = "") -> None:
         """Remove a job that could not be enqueued (and its Idempotency-Key of ``owner``)."""
         pipe = self.redis.pipeline()
-        pipe.delete(self.job_key(job_id))
+        pipe.delete(self.job_key(job_id), *self._event_keys(job_id))
         pipe.zrem(self.index_key, job_id)
         if idempotency_key:
             pipe.delete(self._idem_key(idempotency_key, owner))
@@ -450,7 +577,8 @@ class JobStore:
         Returns ``cancelled``, ``cancel_requested``, ``ended:<status>`` (already final) or
         ``missing``.
         """
-        return self._cancel(keys=[self.job_key(job_id)], args=[utcnow()])
+        keys = [self.job_key(job_id), *self._event_keys(job_id)]
+        return self._cancel(keys=keys, args=[utcnow(), status_event(JobStatus.cancelled)])
 
     # worker side
     def start(
@@ -462,8 +590,18 @@ class JobStore:
         holds it), ``cancelled``, ``failed`` (too many attempts) or the job's final status.
         """
         outcome, attempts = self._start(
-            keys=[self.job_key(job_id), self.running_key, self.lease_key(job_id)],
-            args=[job_id, token, int(ttl_s * 1000), worker, device, utcnow(), max_attempts],
+            keys=[self.job_key(job_id), self.running_key, self.lease_key(job_id), *self._event_keys(job_id)],
+            args=[
+                job_id,
+                token,
+                int(ttl_s * 1000),
+                worker,
+                device,
+                utcnow(),
+                max_attempts,
+                status_event(JobStatus.running),
+                status_event(JobStatus.cancelled),
+            ],
         )
         return StartResult(outcome=outcome, attempts=int(attempts))
 
@@ -471,13 +609,21 @@ class JobStore:
         """Extend the lease; False if this worker no longer holds it."""
         return bool(self._renew(keys=[self.lease_key(job_id)], args=[token, int(ttl_s * 1000)]))
 
-    def update(self, job_id: str, token: str, **fields: Any) -> bool:
+    def update(self, job_id: str, token: str, progress_event: bool = False, **fields: Any) -> bool:
         """Write fields of a running job (progress, metrics, timings, weights, device).
 
-        False if this worker no longer holds the lease (nothing is written).
+        With ``metrics``, an ``epoch`` event is added to the job's stream for each epoch not yet in
+        the record; with ``progress_event`` (and ``progress``), a ``progress`` event. False if this
+        worker no longer holds the lease (nothing is written).
         """
-        argv = [token, *_encode_fields(fields)]
-        return bool(self._update(keys=[self.job_key(job_id), self.lease_key(job_id)], args=argv))
+        events = (
+            [("progress", _encode_fields({"progress": fields["progress"]})[1])]
+            if (progress_event and "progress" in fields)
+            else []
+        )
+        argv = [token, *_event_args(fields, events), *_encode_fields(fields)]
+        keys = [self.job_key(job_id), self.lease_key(job_id), *self._event_keys(job_id)]
+        return bool(self._update(keys=keys, args=argv))
 
     def finish(
         self, job_id: str, token: str, status: JobStatus, unless_cancel_requested: bool = False, **fields: Any
@@ -489,8 +635,15 @@ class JobStore:
         meanwhile (nothing written: the caller ends the job cancelled instead).
         """
         fields = {"status": status.value, "finished_at": utcnow(), **fields}
-        argv = [token, job_id, "1" if unless_cancel_requested else "0", *_encode_fields(fields)]
-        keys = [self.job_key(job_id), self.running_key, self.lease_key(job_id)]
+        event = status_event(status, fields.get("error"), fields.get("model_id"))
+        argv = [
+            token,
+            job_id,
+            "1" if unless_cancel_requested else "0",
+            *_event_args(fields, [("status", event)]),
+            *_encode_fields(fields),
+        ]
+        keys = [self.job_key(job_id), self.running_key, self.lease_key(job_id), *self._event_keys(job_id)]
         return self._finish(keys=keys, args=argv)
 
     def is_cancel_requested(self, job_id: str) -> bool:
@@ -504,8 +657,9 @@ class JobStore:
         """
         changed = []
         for job_id in self.redis.smembers(self.running_key):
-            keys = [self.job_key(job_id), self.running_key, self.lease_key(job_id)]
-            outcome = self._requeue(keys=keys, args=[job_id, utcnow()])
+            keys = [self.job_key(job_id), self.running_key, self.lease_key(job_id), *self._event_keys(job_id)]
+            args = [job_id, utcnow(), status_event(JobStatus.cancelled), status_event(JobStatus.queued)]
+            outcome = self._requeue(keys=keys, args=args)
             if outcome in ("requeued", "cancelled"):
                 changed.append((job_id, outcome))
         return changed
@@ -541,6 +695,14 @@ class JobStore:
             if isinstance(reply, redis.ConnectionError | redis.TimeoutError):
                 raise reply
         return [_readable_record(job_id, raw) for job_id, raw in zip(ids, replies, strict=True)]
+
+
+def _event_args(fields: dict[str, Any], events: list[tuple[str, str]]) -> list[str]:
+    """ARGV of ``emit_events``: the JSON of every epoch in ``fields["metrics"]`` (those not yet
+    in the record become ``epoch`` events), then ``events`` as (type, data) pairs."""
+    metrics = fields.get("metrics") or []
+    epochs = [m.model_dump_json() if isinstance(m, BaseModel) else json.dumps(m) for m in metrics]
+    return [str(len(epochs)), *epochs, str(len(events)), *[x for pair in events for x in pair]]
 
 
 def _encode_fields(fields: dict[str, Any]) -> list[str]:

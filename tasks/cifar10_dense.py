@@ -310,6 +310,7 @@ class DenseRecipe:
         device = self.ctx.device
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
+        loop.loss_sum = loss_sum  # the running mean loss in progress reports
         for idx in loop:
             x = self.preset.normalize(self.train.images[idx]).flatten(1)
             y = self.train.labels[idx]
@@ -319,8 +320,11 @@ class DenseRecipe:
             correct += batch_correct
         return EpochStats(loss_sum=loss_sum.item(), correct=int(correct.item()), images=loop.images_done)
 
+    def eval_inputs(self) -> tuple:
+        return self.net, self.test.images, self.test.labels, self.preset, 10_000
+
     def evaluate(self) -> float:
-        return evaluate_accuracy(self.net, self.test.images, self.test.labels, self.preset, 10_000)
+        return evaluate_accuracy(*self.eval_inputs())
 
     def state(self) -> dict:
         return {"model": self.net.state_dict(), "velocity": self.velocity}

@@ -235,8 +235,8 @@ class ResNetRecipe:
         self.ctx.on_progress(
             JobProgress(
                 epochs=self.hp.epochs,
-                batches_done=self._features_done,
-                batches_total=self._features_total,
+                features_done=self._features_done,
+                features_total=self._features_total,
                 stage="extracting_features",
             )
         )
@@ -295,13 +295,14 @@ class ResNetRecipe:
         self.model.eval()
         return stats
 
-    def evaluate(self) -> float:
+    def eval_inputs(self) -> tuple:
         self.model.eval()
-        if self.hp.mode == "feature_extraction":
-            return evaluate_accuracy(
-                self.model.fc, self.val_features, self.val.labels, _IdentityPreset(), len(self.val)
-            )
-        return evaluate_accuracy(self.model, self.val.images, self.val.labels, self.preset, EVAL_BATCH)
+        if self.hp.mode == "feature_extraction":  # the fc on the cached frozen-backbone features
+            return self.model.fc, self.val_features, self.val.labels, _IdentityPreset(), len(self.val)
+        return self.model, self.val.images, self.val.labels, self.preset, EVAL_BATCH
+
+    def evaluate(self) -> float:
+        return evaluate_accuracy(*self.eval_inputs())
 
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -194,9 +194,12 @@ class LeNetRecipe:
     def train_one_epoch(self, epoch: int, lr: float, loop: BatchLoop) -> EpochStats:
         return sgd_epoch(self.model, self.optimizer, lr, loop, self._batch)
 
-    def evaluate(self) -> float:
+    def eval_inputs(self) -> tuple:
         self.model.eval()
-        return evaluate_accuracy(self.model, self.test.images, self.test.labels, self.preset, 2048)
+        return self.model, self.test.images, self.test.labels, self.preset, 2048
+
+    def evaluate(self) -> float:
+        return evaluate_accuracy(*self.eval_inputs())
 
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}

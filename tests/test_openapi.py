@@ -12,7 +12,8 @@ from core.config import Settings
 FASTAPI_OWN = {"HTTPValidationError", "ValidationError"}
 # Fields without an example on purpose: Swagger's "Try it out" pre-fills examples, and an invented
 # model id would make the first try a 404 (task's example, mnist_lenet5, is enough).
-NO_EXAMPLE = {"Body_predict_image_predict_post.model_id"}
+# Swagger pre-fills examples: an invented model id or alias would turn "Try it out" into a 404.
+NO_EXAMPLE = {"Body_predict_image_predict_post.model_id", "Body_predict_image_predict_post.alias"}
 
 
 @pytest.fixture(scope="module")

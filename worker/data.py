@@ -131,6 +131,7 @@ def load_split(
     cache_dir: Path,
     allow_download: bool = False,
     check_stop: Callable[[], None] = lambda: None,
+    on_images: Callable[[int, int], None] = lambda done, total: None,
 ) -> ImageDataset:
     """Load one split of ``task``'s dataset as uint8 tensors, from cache when possible.
 
@@ -141,6 +142,8 @@ def load_split(
         cache_dir: CACHE_DIR; decoded splits go to ``cache_dir / "datasets"``.
         allow_download: download with torchvision / the official URL when nothing is found.
         check_stop: called between chunks of image decoding; may raise to abandon it (a cancel).
+        on_images: called with (images decoded, images in the split) as decoding goes on (after
+            each chunk of at most 1,000 images), and once the split is loaded.
 
     Raises:
         DatasetNotFound: nothing in any known layout (and download not allowed or failed).
@@ -151,13 +154,19 @@ def load_split(
     key = _fingerprint(spec, split, source)
     if key in _memory_cache:
         _memory_cache.move_to_end(key)
-        return _memory_cache[key]
+        dataset = _memory_cache[key]
+        on_images(len(dataset), len(dataset))
+        return dataset
     cache_file = Path(cache_dir) / "datasets" / task / f"{split}-{key}.safetensors"
     dataset = _read_cache(cache_file)
     if dataset is None:
         log.info("decoding %s %s from %s (cached afterwards in %s)", task, split, source, cache_file)
-        dataset = source.read(split, spec.preset, check_stop)
+        if isinstance(source, ImageFolderSource):  # decoded chunk by chunk: progress as it goes
+            dataset = _decode_folder(source, split, spec.preset, check_stop, on_images)
+        else:  # the tasks' own formats (MNIST IDX, CIFAR-10 batches) are read whole, quickly
+            dataset = source.read(split, spec.preset, check_stop)
         _write_cache(cache_file, dataset)
+    on_images(len(dataset), len(dataset))
     _memory_cache[key] = dataset
     while len(_memory_cache) > _MEMORY_CACHE_SIZE:
         _memory_cache.popitem(last=False)
@@ -315,7 +324,11 @@ def _write_cache(cache_file: Path, dataset: ImageDataset) -> None:
 
 
 def _decode_folder(
-    source: ImageFolderSource, split: str, preset: Preset, check_stop: Callable[[], None]
+    source: ImageFolderSource,
+    split: str,
+    preset: Preset,
+    check_stop: Callable[[], None],
+    on_images: Callable[[int, int], None] = lambda done, total: None,
 ) -> ImageDataset:
     classes, members = _folder_members(source, split)
     if not members:
@@ -326,6 +339,7 @@ def _decode_folder(
     args = [(source, chunk, preset.to_dict()) for chunk in chunks]
     height, width = preset.input_size
     images = np.empty((len(names), preset.channels, height, width), dtype=np.uint8)
+    on_images(0, len(names))
     workers = min(len(chunks), os.cpu_count() or 1)
     with ExitStack() as stack:
         if workers > 1:
@@ -340,6 +354,7 @@ def _decode_folder(
         for array in arrays:  # copied into place chunk by chunk: peak memory ~ one copy of the split
             images[start : start + len(array)] = array
             start += len(array)
+            on_images(start, len(names))
             check_stop()
     return ImageDataset(
         images=torch.from_numpy(images),
@@ -384,3 +399,78 @@ def _decode_chunk(source: ImageFolderSource, names: list[str], preset_dict: dict
         except Exception as exc:
             raise DatasetCorrupt(f"cannot decode {name} in {_describe(source)}: {exc}") from exc
     return out
+
+
+# Reading a few images (for the API's figures) ---------------------------------------------------
+
+
+@dataclass
+class SplitItems:
+    """Some images of one split, as the model sees them.
+
+    Attributes:
+        images: uint8 (n, C, H, W), after the task preset's resize/crop.
+        labels: int64 (n,).
+        indices: the dataset indices of the images (index in the split, in loader order).
+        classes: class names of the split.
+        size: number of images in the split.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: list[int]
+    classes: list[str]
+    size: int
+
+
+def read_items(
+    task: str, split: str, data_dir: Path, cache_dir: Path, pick: Callable[[int], list[int]]
+) -> SplitItems:
+    """A few images of a split without decoding the whole split when possible.
+
+    Read from the dataset cache written by the workers (only the rows asked for, memory-mapped);
+    without a cache, only the chosen images are decoded from an ImageFolder tree or zip (MNIST IDX
+    files and CIFAR python batches are small enough to read whole). Never downloads.
+
+    Args:
+        task, split, data_dir, cache_dir: as ``load_split``.
+        pick: maps the split's size to the dataset indices wanted; may raise ``IndexError``.
+
+    Raises:
+        DatasetNotFound, DatasetCorrupt, IndexError (from ``pick``).
+    """
+    spec = get_task(task)
+    preset = spec.preset
+    source = spec.locate(Path(data_dir), split, False)
+    key = _fingerprint(spec, split, source)
+    cache_file = Path(cache_dir) / "datasets" / task / f"{split}-{key}.safetensors"
+    if cache_file.is_file():
+        try:
+            with safe_open(str(cache_file), framework="pt") as f:
+                classes = json.loads(f.metadata()["classes"])
+                labels = f.get_tensor("labels")
+                indices = pick(len(labels))
+                rows = f.get_slice("images")
+                images = [rows[i : i + 1] for i in indices]
+            shape = (0, preset.channels, *preset.input_size)
+            return SplitItems(
+                images=torch.cat(images) if images else torch.empty(shape, dtype=torch.uint8),
+                labels=labels[indices],
+                indices=indices,
+                classes=classes,
+                size=len(labels),
+            )
+        except (SafetensorError, OSError, KeyError, ValueError) as exc:
+            log.warning("ignoring unreadable dataset cache %s: %s", cache_file, exc)
+    if not isinstance(source, ImageFolderSource):  # MNIST IDX, CIFAR-10 batches: small, read whole
+        dataset = source.read(split, preset, lambda: None)
+        indices = pick(len(dataset))
+        return SplitItems(
+            dataset.images[indices], dataset.labels[indices], indices, dataset.classes, len(dataset)
+        )
+    classes, members = _folder_members(source, split)
+    indices = pick(len(members))
+    names = [members[i][0] for i in indices]
+    images = torch.from_numpy(_decode_chunk(source, names, preset.to_dict()))
+    labels = torch.tensor([members[i][1] for i in indices], dtype=torch.int64)
+    return SplitItems(images, labels, indices, classes, len(members))

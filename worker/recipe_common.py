@@ -60,6 +60,7 @@ def sgd_epoch(
     device = loop.ctx.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    loop.loss_sum = loss_sum  # the running mean loss in progress reports
     for idx in loop:
         x, y = get_batch(idx)
         logits = model(x)

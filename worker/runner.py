@@ -26,6 +26,7 @@ from worker.training import StopTraining, TrainingContext, TrainingResult, run_t
 log = logging.getLogger(__name__)
 
 CANCELLED = "cancelled"
+PROGRESS_EVENT_INTERVAL_S = 0.2  # progress is reported every 0.25 s; events at most 5/s, about 4/s
 LEASE_LOST = "lease lost"
 
 
@@ -199,6 +200,8 @@ def save_checkpoint(
         },
         **result.extra_metadata,
     }
+    if result.evaluation is not None:
+        metadata["evaluation"] = result.evaluation
     try:
         checkpoints.save(model_id, result.tensors, metadata)
     except OSError as exc:
@@ -249,23 +252,40 @@ def _context(
         resume=resume,
     )
     latest: dict[str, object] = {}
-    ctx.on_progress = _safe(store, job_id, token, latest, lambda p: {"progress": p, "timings": ctx.timings})
+    ctx.on_progress = _safe(
+        store,
+        job_id,
+        token,
+        latest,
+        lambda p: {"progress": p, "timings": ctx.timings},
+        event_interval_s=PROGRESS_EVENT_INTERVAL_S,
+    )
     ctx.on_epoch = _safe(store, job_id, token, latest, lambda m: {"metrics": [e.model_dump() for e in m]})
     ctx.on_info = _safe(store, job_id, token, latest, lambda info: info)
     return ctx, latest
 
 
 def _safe(
-    store: JobStore, job_id: str, token: str, latest: dict[str, object], fields: Callable[[object], dict]
+    store: JobStore,
+    job_id: str,
+    token: str,
+    latest: dict[str, object],
+    fields: Callable[[object], dict],
+    event_interval_s: float | None = None,
 ) -> Callable:
     """A job-record writer that never stops training: Redis errors are logged. What it writes
-    is also kept in ``latest``, for the final write."""
+    is also kept in ``latest``, for the final write. With ``event_interval_s``, a progress event
+    goes to the job's stream with the write, at most once per that many seconds."""
+    last_event = [-float("inf")]
 
     def write(value: object) -> None:
         values = fields(value)
         latest.update(values)
+        now = time.monotonic()
+        event = event_interval_s is not None and now - last_event[0] >= event_interval_s
         try:
-            store.update(job_id, token, **values)
+            if store.update(job_id, token, progress_event=event, **values) and event:
+                last_event[0] = now
         except Exception as exc:
             log.warning("job %s: could not record progress: %s", job_id, exc)
 

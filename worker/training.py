@@ -29,8 +29,9 @@ from tqdm import tqdm
 
 from core.jobs import EpochMetrics, JobProgress
 from tasks import get_task
-from tasks.base import Hyperparameters, Preset
+from tasks.base import Hyperparameters, Preset, Task
 from worker.data import DatasetCorrupt, ImageDataset, load_split
+from worker.evaluation import evaluation_report, predict_probabilities
 from worker.resume import ResumeState, ResumeStore
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,11 @@ class TrainingContext:
     should_stop: Callable[[], str | None] = lambda: None
     resume: ResumeStore | None = None
     show_progress_bar: bool = True
-    progress_interval_s: float = 0.5
+    progress_interval_s: float = 0.25
     stop_check_interval_s: float = 0.25
     timings: dict[str, float] = field(default_factory=dict)
+    epochs: int = 0
+    _images_loaded: int = field(default=0, repr=False)
     _last_stop_check: float = field(default=0.0, repr=False)
     _classes: dict[str, tuple[str, list[str]]] = field(default_factory=dict, repr=False)
 
@@ -104,9 +107,33 @@ class TrainingContext:
 
     def load(self, task: str, split: str) -> ImageDataset:
         start = time.perf_counter()
+        loaded_before = self._images_loaded
+        last_report = [0.0]
+
+        def on_images(done: int, total: int) -> None:  # counts add up over the splits of the job
+            now = time.perf_counter()
+            if done < total and now - last_report[0] < self.progress_interval_s:
+                return
+            last_report[0] = now
+            self.on_progress(
+                JobProgress(
+                    epochs=self.epochs,
+                    images_done=loaded_before + done,
+                    images_total=loaded_before + total,
+                    stage="loading_data",
+                )
+            )
+
         dataset = load_split(
-            task, split, self.data_dir, self.cache_dir, self.allow_download, check_stop=self.check_stop
+            task,
+            split,
+            self.data_dir,
+            self.cache_dir,
+            self.allow_download,
+            check_stop=self.check_stop,
+            on_images=on_images,
         )
+        self._images_loaded = loaded_before + len(dataset)
         self.add_time("data_s", time.perf_counter() - start)
         self._check_same_classes(task, split, dataset)
         return dataset
@@ -150,6 +177,7 @@ class TrainingResult:
     metrics: list[EpochMetrics]
     train_size: int = 0
     extra_metadata: dict = field(default_factory=dict)
+    evaluation: dict | None = None
 
 
 class Recipe(Protocol):
@@ -161,6 +189,7 @@ class Recipe(Protocol):
     def setup(self) -> None: ...
     def train_one_epoch(self, epoch: int, lr: float, loop: BatchLoop) -> EpochStats: ...
     def evaluate(self) -> float: ...
+    def eval_inputs(self) -> tuple[Callable, torch.Tensor, torch.Tensor, Any, int]: ...
     def state(self) -> dict[str, Any]: ...
     def load_state(self, state: dict[str, Any]) -> None: ...
     def export(self) -> tuple[dict[str, torch.Tensor], dict, dict]: ...
@@ -196,6 +225,7 @@ class BatchLoop:
         self.batches_total = (n + batch_size - 1) // batch_size
         self.images_done = 0
         self.started = time.perf_counter()
+        self.loss_sum: torch.Tensor | None = None  # the recipe's running sum of loss x batch size
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Yields int64 index tensors of shape (batch,) on the training device."""
@@ -228,12 +258,18 @@ class BatchLoop:
         return self.images_done / max(time.perf_counter() - self.started, 1e-9)
 
     def progress(self, batches_done: int, stage: str = "training") -> JobProgress:
+        """Progress of the epoch; ``loss`` is the running mean of the epoch's training loss (read
+        from the device here, a few times a second, never per batch)."""
+        loss = None
+        if self.loss_sum is not None and self.images_done:
+            loss = round(float(self.loss_sum) / self.images_done, 6)
         return JobProgress(
             epoch=self.epoch + 1,
             epochs=self.epochs,
             batches_done=batches_done,
             batches_total=self.batches_total,
             images_per_s=round(self.images_per_s, 1),
+            loss=loss if loss is None or math.isfinite(loss) else None,
             stage=stage,
         )
 
@@ -287,6 +323,7 @@ def run_training(task: str, hyperparameters: dict | Hyperparameters, ctx: Traini
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     torch.manual_seed(hp.seed)
+    ctx.epochs = hp.epochs
     ctx.on_progress(JobProgress(epochs=hp.epochs, stage="loading_data"))
     recipe: Recipe = spec.recipe(hp, ctx)
     recipe.setup()
@@ -310,7 +347,12 @@ def run_training(task: str, hyperparameters: dict | Hyperparameters, ctx: Traini
         if ctx.resume and epoch + 1 < hp.epochs:
             ctx.resume.save(ResumeState.capture(epoch + 1, recipe.state(), generator, metrics))
         ctx.check_stop(force=True)
+    evaluation = None
     if loop is not None:
+        ctx.on_progress(loop.progress(loop.batches_total, stage="evaluating"))
+        start = time.perf_counter()
+        evaluation = final_evaluation(spec, recipe)
+        ctx.add_time("eval_s", time.perf_counter() - start)
         ctx.on_progress(loop.progress(loop.batches_total, stage="saving_checkpoint"))
     tensors, architecture, extra = recipe.export()
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -323,7 +365,17 @@ def run_training(task: str, hyperparameters: dict | Hyperparameters, ctx: Traini
         metrics=metrics,
         train_size=recipe.train_size,
         extra_metadata=extra,
+        evaluation=evaluation,
     )
+
+
+def final_evaluation(spec: Task, recipe: Recipe) -> dict:
+    """The checkpoint's ``evaluation`` (see ``worker.evaluation.evaluation_report``) of the final
+    model on the task's eval split, through the recipe's own eval path (ResNet18 feature
+    extraction: the fc on the frozen-backbone features)."""
+    predict, inputs, labels, normalizer, batch_size = recipe.eval_inputs()
+    probabilities = predict_probabilities(predict, inputs, normalizer, batch_size)
+    return evaluation_report(probabilities, labels, recipe.classes, spec.eval_split, spec.dataset)
 
 
 def _check_finite(epoch: EpochMetrics) -> None:

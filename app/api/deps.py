@@ -10,7 +10,9 @@ from fastapi import Depends, Request
 from app.inference import ModelRegistry
 from core.config import Settings
 from core.jobs import JobStore
+from models_store.aliases import AliasStore
 from models_store.checkpoint import CheckpointStore
+from models_store.export import ExportCache
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -38,3 +40,15 @@ JobStoreDep = Annotated[JobStore, Depends(get_jobs)]
 CheckpointsDep = Annotated[CheckpointStore, Depends(get_checkpoints)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
+
+
+def get_aliases(request: Request) -> AliasStore:
+    return request.app.state.aliases
+
+
+def get_exports(request: Request) -> ExportCache:
+    return request.app.state.exports
+
+
+AliasesDep = Annotated[AliasStore, Depends(get_aliases)]
+ExportsDep = Annotated[ExportCache, Depends(get_exports)]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi import APIRouter, Depends, Request, Response
 
-from app.api.routes import health, jobs, models, predict
+from app.api.routes import datasets, health, jobs, models, predict
+from app.job_metrics import metrics_payload
 from app.schemas import error_responses
 from app.security import require_api_key
 
@@ -19,11 +19,16 @@ protected = APIRouter(
 protected.include_router(jobs.router)
 protected.include_router(models.router)
 protected.include_router(predict.router)
+protected.include_router(datasets.router)
 
 
 @protected.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
-def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+def metrics(request: Request) -> Response:
+    """HTTP requests, latency and inference time (of every API process with
+    PROMETHEUS_MULTIPROC_DIR), and the jobs read from Redis: by status, queue depth, live
+    workers, throughput, job and epoch durations."""
+    body, media_type = metrics_payload(request.app.state.jobs_registry)
+    return Response(body, media_type=media_type)
 
 
 api_router.include_router(protected)

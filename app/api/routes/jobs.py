@@ -6,13 +6,16 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Header, HTTPException, Path, Query, Request, Response, status
+from sse_starlette import EventSourceResponse
 
 from app.api.deps import CeleryDep, JobStoreDep
+from app.events import EVENT_ID_PATTERN, job_events
+from app.figures import PNG, curves_png, run_bounded
 from app.schemas import JOB_CREATE_EXAMPLES, JobCreate, JobPublic, JobsPublic, error_responses
 from app.security import key_owner
 from core.jobs import JOB_ID_PATTERN, IdempotencyConflict, JobStatus, request_hash
 from core.queue import enqueue_training
-from tasks import TaskName
+from tasks import TaskName, get_task
 
 log = logging.getLogger(__name__)
 
@@ -163,3 +166,84 @@ def cancel_job(job_id: JobId, jobs: JobStoreDep) -> JobPublic:
     if outcome.startswith("ended:"):
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already ended: {outcome[6:]}")
     return JobPublic.model_validate(jobs.get(job_id).model_dump())
+
+
+EVENTS_PING_S = 15
+EVENTS_SEND_TIMEOUT_S = 30
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="Live events of a job (Server-Sent Events)",
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": (
+                "`text/event-stream`. Events: `progress` (the job's progress object, at most ~4/s), "
+                "`epoch` (one per-epoch metrics object, as in the job's `metrics`), `status` "
+                '(`{"status", "error", "model_id"}` on every status change). Each carries an `id`; '
+                "the stream ends after the final status. Keep-alive comment every 15 s."
+            ),
+        },
+        **error_responses(_404="No such job.", _503="Redis is unreachable."),
+        422: {"description": "Malformed Last-Event-ID."},
+    },
+)
+async def job_events_stream(
+    job_id: JobId,
+    request: Request,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            max_length=64,
+            description="Resume: only the events after this id (as sent by EventSource on reconnect).",
+        ),
+    ] = None,
+) -> EventSourceResponse:
+    """The job's history from the start (or after `Last-Event-ID`), then its live events.
+
+    A finished job replays its whole history and the stream closes; a reconnecting client gets
+    exactly the events after the last one it saw.
+    """
+    if last_event_id is not None and not EVENT_ID_PATTERN.match(last_event_id.strip()):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"Last-Event-ID must be an event id such as 1764464000123-0, got {last_event_id!r}",
+        )
+    store = request.app.state.jobs
+    client = request.app.state.redis_async
+    if not await client.exists(store.job_key(job_id)):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id {job_id}")
+    events = job_events(
+        client,
+        request.app.state.event_hub,
+        store.job_key(job_id),
+        store.events_key(job_id),
+        last_event_id and last_event_id.strip(),
+    )
+    return EventSourceResponse(
+        events,
+        ping=EVENTS_PING_S,
+        send_timeout=EVENTS_SEND_TIMEOUT_S,
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get(
+    "/{job_id}/curves.png",
+    response_class=Response,
+    summary="Training curves of a job (PNG)",
+    responses=PNG | error_responses(_404="No such job.", _503="Redis is unreachable."),
+)
+async def job_curves(job_id: JobId, jobs: JobStoreDep) -> Response:
+    """Two panels, 1200 x 450 pixels: training loss per epoch, and train and test (val for
+    hymenoptera) accuracy per epoch. Drawn from the job's metrics, so it works while the job runs
+    (epochs finished so far)."""
+    record = await run_bounded(jobs.get, job_id)
+    if record is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id {job_id}")
+    metrics = [m.model_dump() for m in record.metrics]
+    title = f"{record.task} job {job_id[:8]} ({record.status})"
+    data = await run_bounded(curves_png, metrics, get_task(record.task).eval_split, title)
+    return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})

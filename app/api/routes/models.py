@@ -4,11 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, HTTPException, Path, Query, Response, status
+from fastapi.responses import FileResponse
+from pydantic import ValidationError
 
-from app.api.deps import CheckpointsDep
-from app.schemas import ModelPublic, ModelsPublic, error_responses
-from models_store.checkpoint import MODEL_ID_PATTERN, CheckpointInfo
+from app.api.deps import AliasesDep, CheckpointsDep, ExportsDep, RegistryDep
+from app.figures import PNG, confusion_png, run_bounded
+from app.schemas import AliasPublic, EvaluationPublic, ModelPublic, ModelsPublic, error_responses
+from models_store.aliases import ALIAS_PATTERN, model_name, validate_alias
+from models_store.checkpoint import (
+    MODEL_ID_PATTERN,
+    CheckpointInfo,
+    CheckpointInvalid,
+    ModelNotFound,
+    validate_model_id,
+)
+from models_store.export import ExportFormat, export_onnx, safetensors_zip
 from tasks import TaskName
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -16,9 +27,18 @@ router = APIRouter(prefix="/models", tags=["models"])
 ModelId = Annotated[
     str, Path(max_length=128, pattern=MODEL_ID_PATTERN, description="Model id, as listed by GET /models.")
 ]
+AliasName = Annotated[
+    str,
+    Path(
+        max_length=64,
+        pattern=ALIAS_PATTERN,
+        description="Alias: 1-64 characters of a-z, 0-9, '_' and '-', starting with a letter.",
+        examples=["production"],
+    ),
+]
 
 
-def model_public(info: CheckpointInfo) -> ModelPublic:
+def model_public(info: CheckpointInfo, aliases: list[str] | None = None) -> ModelPublic:
     meta = info.metadata
     return ModelPublic(
         id=info.model_id,
@@ -34,12 +54,27 @@ def model_public(info: CheckpointInfo) -> ModelPublic:
         device=meta.get("device"),
         pretrained=meta.get("pretrained"),
         sha256=(meta.get("weights") or {}).get("sha256"),
+        name=model_name(meta),
+        aliases=aliases or [],
+        evaluation=_evaluation(meta.get("evaluation")),
     )
+
+
+def _evaluation(value: object) -> EvaluationPublic | None:
+    """The stored evaluation, or None when there is none or it does not have the expected shape
+    (metadata.json edited by hand)."""
+    if value is None:
+        return None
+    try:
+        return EvaluationPublic.model_validate(value)
+    except ValidationError:
+        return None
 
 
 @router.get("", response_model=ModelsPublic, summary="List checkpoints, newest first")
 def list_models(
     checkpoints: CheckpointsDep,
+    alias_store: AliasesDep,
     task: Annotated[TaskName | None, Query(description="Only models of this task.")] = None,
     valid: Annotated[bool | None, Query(description="Only valid (true) or invalid (false) ones.")] = None,
     offset: Annotated[int, Query(ge=0, le=1_000_000, description="Models to skip.")] = 0,
@@ -51,7 +86,9 @@ def list_models(
         for i in checkpoints.list()
         if (task is None or i.task == task) and (valid is None or i.valid == valid)
     ]
-    return ModelsPublic(data=[model_public(i) for i in infos[offset : offset + limit]], count=len(infos))
+    page = infos[offset : offset + limit]
+    aliases = alias_store.aliases_of_many([i.model_id for i in page])
+    return ModelsPublic(data=[model_public(i, aliases[i.model_id]) for i in page], count=len(infos))
 
 
 @router.get(
@@ -62,5 +99,154 @@ def list_models(
         _404=("No such model.", "no model with id 'mnist_lenet5-20261129-161500-5f2c1e0b'")
     ),
 )
-def get_model(model_id: ModelId, checkpoints: CheckpointsDep) -> ModelPublic:
-    return model_public(checkpoints.get(model_id))
+def get_model(model_id: ModelId, checkpoints: CheckpointsDep, alias_store: AliasesDep) -> ModelPublic:
+    info = checkpoints.get(model_id)
+    return model_public(info, alias_store.aliases_of_many([model_id])[model_id])
+
+
+@router.put(
+    "/{model_id}/aliases/{alias}",
+    response_model=AliasPublic,
+    summary="Point an alias of the model's name at this model",
+    responses=error_responses(
+        _404="No such model.",
+        _409="The model failed verification, or has no task.",
+    ),
+)
+def set_alias(
+    model_id: ModelId, alias: AliasName, checkpoints: CheckpointsDep, alias_store: AliasesDep
+) -> AliasPublic:
+    """Sets `alias` (e.g. `production`) on this model, moving it from any other model of the same
+    name (the task, or the dataset of a custom model). `/predict` with `task` and `alias` then
+    answers with this model; with `task` alone it uses `production` when set."""
+    validate_alias(alias)
+    info = checkpoints.get(model_id)
+    if not info.valid:
+        raise CheckpointInvalid(
+            f"model {model_id} failed verification, so it cannot carry an alias: {info.error}"
+        )
+    name = model_name(info.metadata)
+    if name is None:
+        raise CheckpointInvalid(f"model {model_id} has no task in its metadata")
+    previous = alias_store.set(name, alias, model_id)
+    return AliasPublic(name=name, alias=alias, model_id=model_id, previous_model_id=previous)
+
+
+@router.delete(
+    "/{model_id}/aliases/{alias}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    summary="Remove an alias from the model",
+    responses=error_responses(_404="The model does not carry this alias."),
+)
+def delete_alias(model_id: ModelId, alias: AliasName, alias_store: AliasesDep) -> Response:
+    """Works also for a model deleted outside the API (its alias would otherwise dangle)."""
+    validate_model_id(model_id)
+    if alias_store.delete(model_id, alias) is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {model_id} does not carry the alias {alias!r}")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.delete(
+    "/{model_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    summary="Delete a checkpoint",
+    responses=error_responses(
+        _404="No such model.",
+        _409="The model carries aliases (remove them, or pass force=true).",
+    ),
+)
+def delete_model(
+    model_id: ModelId,
+    checkpoints: CheckpointsDep,
+    registry: RegistryDep,
+    alias_store: AliasesDep,
+    exports: ExportsDep,
+    force: Annotated[bool, Query(description="Delete even if it carries aliases; they go too.")] = False,
+) -> Response:
+    """Removes the weights, metadata.json and cached exports. Predictions already running with the
+    model finish with it; later ones cannot find it."""
+    validate_model_id(model_id)
+    aliases = alias_store.aliases_of(model_id)
+    try:
+        checkpoints.get(model_id)
+    except ModelNotFound:
+        if not aliases:  # a model deleted outside the API may still carry aliases: clean them up
+            raise
+    if aliases and not force:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"model {model_id} carries the alias(es) {', '.join(aliases)}: move or remove them first, "
+            "or delete with force=true to remove them too",
+        )
+    if aliases:
+        alias_store.remove_model(model_id)
+    checkpoints.delete(model_id)
+    registry.evict(model_id)
+    exports.remove(model_id)
+    alias_store.remove_model(model_id)  # an alias set while it was being deleted
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+MEDIA_TYPES = {"onnx": "application/octet-stream", "safetensors": "application/zip"}
+
+
+@router.get(
+    "/{model_id}/export",
+    response_class=FileResponse,
+    summary="Download the model as ONNX, or as a zip of its safetensors weights and metadata.json",
+    responses={
+        200: {"content": {"application/octet-stream": {}, "application/zip": {}}, "description": "The file."}
+    }
+    | error_responses(
+        _404="No such model.",
+        _409="The checkpoint failed verification.",
+    ),
+)
+def export_model(
+    model_id: ModelId,
+    checkpoints: CheckpointsDep,
+    registry: RegistryDep,
+    exports: ExportsDep,
+    format: Annotated[ExportFormat, Query(description="`onnx` or `safetensors` (a zip).")] = "onnx",
+) -> FileResponse:
+    """ONNX: input `input` float32 (N, C, H, W), the normalised image batch (N dynamic); output
+    `logits` (N, K). Its `metadata_props` hold the preprocessing (mode, resize, crop, input_size,
+    mean, std) and the class names. Built on the first request (seconds for ResNet18), then cached."""
+    info = checkpoints.get(model_id)
+    if not info.valid:
+        raise CheckpointInvalid(f"model {model_id} failed verification: {info.error}")
+    meta = info.metadata
+    sha256 = meta["weights"]["sha256"]
+
+    def build(path) -> None:
+        if format == "safetensors":
+            safetensors_zip(info.path, meta, path)
+            return
+        loaded = registry.get(info)
+        proto = export_onnx(loaded.model, loaded.preset, loaded.classes, meta)
+        path.write_bytes(proto.SerializeToString())
+
+    path = exports.get_or_build(model_id, sha256, format, build)
+    suffix = "onnx" if format == "onnx" else "zip"
+    return FileResponse(path, media_type=MEDIA_TYPES[format], filename=f"{model_id}.{suffix}")
+
+
+@router.get(
+    "/{model_id}/confusion.png",
+    response_class=Response,
+    summary="Confusion matrix of a checkpoint on its evaluation split (PNG)",
+    responses=PNG
+    | error_responses(_404="No such model, or it has no stored evaluation.")
+    | {422: {"description": "Not a valid model id."}},
+)
+async def model_confusion(model_id: ModelId, checkpoints: CheckpointsDep) -> Response:
+    """Rows = true class, columns = predicted, counts in the cells; 800 x 700 pixels."""
+    model = model_public(await run_bounded(checkpoints.get, model_id))
+    if model.evaluation is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {model_id} has no stored evaluation")
+    evaluation = model.evaluation
+    title = f"{model_id}: {evaluation.split} accuracy {evaluation.accuracy:.2%}"
+    data = await run_bounded(confusion_png, evaluation.confusion_matrix, evaluation.classes, title)
+    return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=60"})

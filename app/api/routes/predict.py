@@ -17,6 +17,7 @@ from app.metrics import PREDICTION_SECONDS
 from app.schemas import ClassProbability, PredictionPublic, error_responses
 from core.config import Settings
 from core.images import DecodeLimits, ImageRejected, InvertChoice, NormalizeChoice, load_image, open_image
+from models_store.aliases import ALIAS_PATTERN
 from models_store.checkpoint import MODEL_ID_PATTERN
 from tasks import TaskName
 from tasks.base import Preset
@@ -31,11 +32,12 @@ router = APIRouter(tags=["predict"], route_class=FileFormRoute)
     responses=error_responses(
         _400=("Empty file, or a body that is not valid multipart.", "the uploaded file is empty"),
         _404=(
-            "Unknown model_id, or no trained model of the task yet.",
+            "Unknown model_id or alias, or no trained model of the task yet.",
             "no trained mnist_lenet5 model yet: submit a job with POST /jobs first",
         ),
         _409=(
-            "The checkpoint failed verification (tampered or truncated).",
+            "The checkpoint failed verification (tampered or truncated), or the alias points at a "
+            "model deleted outside the API.",
             "model mnist_lenet5-20261129-161500-5f2c1e0b failed verification: sha256 mismatch",
         ),
         _413=(
@@ -74,6 +76,15 @@ async def predict_image(
             pattern=MODEL_ID_PATTERN,
             description="Use this model (an id listed by GET /models); if task is given too, it must "
             "be the model's task.",
+        ),
+    ] = None,
+    alias: Annotated[
+        str | None,
+        Form(
+            max_length=64,
+            pattern=ALIAS_PATTERN,
+            description="With task: the model carrying this alias, e.g. `production` (with task alone: "
+            "`production` if set).",
         ),
     ] = None,
     top_k: Annotated[
@@ -123,11 +134,11 @@ async def predict_image(
     lane = request.app.state.heavy_decode_lane if heavy else request.app.state.inference_slots
     async with lane:
         return await run_in_threadpool(
-            _classify, registry, settings, image, info, model_id, task, top_k, invert, normalize
+            _classify, registry, settings, image, info, model_id, task, top_k, invert, normalize, alias
         )
 
 
-FORM_FIELDS = ("file", "task", "model_id", "top_k", "invert", "normalize")
+FORM_FIELDS = ("file", "task", "model_id", "top_k", "invert", "normalize", "alias")
 
 
 def _check_form_fields(form: FormData) -> None:
@@ -163,11 +174,12 @@ def _classify(
     top_k: int,
     invert: InvertChoice,
     normalize: NormalizeChoice,
+    alias: str | None = None,
 ) -> PredictionPublic:
     image = load_image(image, info, DecodeLimits.from_settings(settings))
     info = {k: v for k, v in info.items() if k != "cost"}
     try:
-        checkpoint = registry.resolve(model_id, task)
+        checkpoint, alias = registry.resolve_with_alias(model_id, task, alias)
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     loaded = registry.get(checkpoint)
@@ -177,6 +189,7 @@ def _classify(
     PREDICTION_SECONDS.labels(task=loaded.task).observe(time.perf_counter() - start)
     return PredictionPublic(
         model_id=loaded.model_id,
+        alias=alias,
         task=loaded.task,
         predictions=[
             ClassProbability(index=i, label=loaded.classes[i], probability=p)

@@ -1,0 +1,193 @@
+"""Do open event streams slow /predict? /predict latency with and without N open SSE streams.
+
+    .venv/bin/python -m bench.events_load                    # 200 streams, 2 rounds of 20 s each way
+    .venv/bin/python -m bench.events_load --streams 50 --duration 10 --rounds 1
+
+Starts its own API (uvicorn, one process) and worker (``bench.load.Stack``), trains a LeNet-5 for
+one epoch on DATA_DIR's MNIST, then starts a long LeNet-5 job so that its event stream is live
+(progress at ~4 events/s, an epoch event every few seconds) and measures, alternating
+``--rounds`` times: ``--duration`` seconds of /predict with ``--concurrency`` clients and no
+stream open, then the same with ``--streams`` clients reading ``GET /jobs/{id}/events`` of the
+running job. The stream readers run in a separate process (so their parsing is not counted as
+the client's /predict time). It prints and writes (bench/results/events-*.json) p50/p99 latency
+as the clients saw it and as the API's own histogram recorded it, requests/s, and the events the
+streams received.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import psutil
+
+from bench.load import ROOT, Stack, mnist_pngs, predict_load, server_buckets, server_percentiles, train_model
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--streams", type=int, default=200, help="open event streams")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of /predict load per phase")
+    parser.add_argument("--rounds", type=int, default=2, help="without/with rounds")
+    parser.add_argument("--concurrency", type=int, default=4, help="concurrent /predict clients")
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "datasets"))
+    )
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--port", type=int, default=8766)
+    return parser.parse_args()
+
+
+def read_streams(url: str, n: int, out: mp.Queue, stop: mp.Event) -> None:
+    """Child process: ``n`` clients read ``url`` (SSE); puts "ready" once all are open, then, after
+    ``stop`` is set, {opened, events, events_per_s, failed}."""
+
+    async def run() -> dict:
+        opened = 0
+        events = 0
+        ready = asyncio.Event()
+
+        async def reader(client: httpx.AsyncClient) -> None:
+            nonlocal opened, events
+            async with client.stream("GET", url, headers={"Accept": "text/event-stream"}) as response:
+                response.raise_for_status()
+                opened += 1
+                if opened == n:
+                    ready.set()
+                async for line in response.aiter_lines():
+                    if line.startswith("event:"):
+                        events += 1
+
+        limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(60, connect=30), limits=limits) as client:
+            tasks = [asyncio.create_task(reader(client)) for _ in range(n)]
+            await asyncio.wait_for(ready.wait(), 120)
+            await asyncio.sleep(2)  # the history replay is over
+            out.put("ready")
+            counted, start = events, time.monotonic()
+            while not stop.is_set():
+                await asyncio.sleep(0.2)
+            for task in tasks:
+                task.cancel()
+            failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
+            return {
+                "opened": opened,
+                "events": events - counted,
+                "events_per_s": round((events - counted) / (time.monotonic() - start), 1),
+                "failed": len(failed),
+            }
+
+    out.put(asyncio.run(run()))
+
+
+def phase(stack: Stack, model_id: str, images: list[bytes], args: argparse.Namespace) -> dict:
+    api = psutil.Process(stack.api.pid)
+    before = server_buckets(stack.url)
+    cpu_before = sum(api.cpu_times()[:2])
+    result = asyncio.run(predict_load(stack.url, model_id, images, args.duration, args.concurrency))
+    result["api_cpu_s_per_s"] = round((sum(api.cpu_times()[:2]) - cpu_before) / args.duration, 3)
+    result.update(server_percentiles(before, server_buckets(stack.url)))
+    result["api_cpu_ms_per_request"] = round(
+        1000 * result["api_cpu_s_per_s"] * args.duration / max(result["requests"], 1), 3
+    )
+    return result
+
+
+def main() -> int:
+    args = parse_args()
+    workdir = ROOT / "var" / "events-load" / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    stack = Stack(args, workdir)
+    rounds = []
+    try:
+        stack.start()
+        model_id = train_model(stack.url)
+        images = mnist_pngs(args.data_dir)
+        job = httpx.post(
+            f"{stack.url}/jobs", json={"task": "mnist_lenet5", "hyperparameters": {"epochs": 200}}
+        ).json()
+        while httpx.get(f"{stack.url}/jobs/{job['id']}").json()["progress"]["stage"] != "training":
+            time.sleep(0.5)
+        asyncio.run(predict_load(stack.url, model_id, images, 3, args.concurrency))  # warm-up
+        events_url = f"{stack.url}/jobs/{job['id']}/events"
+        for _ in range(args.rounds):
+            without = phase(stack, model_id, images, args)
+            context = mp.get_context("fork")  # no second interpreter start-up during the phase
+            queue, stop = context.Queue(), context.Event()
+            readers = context.Process(target=read_streams, args=(events_url, args.streams, queue, stop))
+            readers.start()
+            assert queue.get(timeout=180) == "ready"
+            with_streams = phase(stack, model_id, images, args)
+            stop.set()
+            streams = queue.get(timeout=60)
+            readers.join(30)
+            rounds.append({"without_streams": without, "with_streams": with_streams, "streams": streams})
+        httpx.post(f"{stack.url}/jobs/{job['id']}/cancel")
+    finally:
+        stack.stop()
+
+    def mean(key: str, phase_name: str) -> float:
+        values = [r[phase_name][key] for r in rounds if r[phase_name][key] is not None]
+        return round(sum(values) / len(values), 2)
+
+    summary = {
+        name: {
+            key: mean(key, name)
+            for key in (
+                "p50_ms",
+                "p99_ms",
+                "mean_ms",
+                "requests_per_s",
+                "api_cpu_s_per_s",
+                "api_cpu_ms_per_request",
+            )
+        }
+        for name in ("without_streams", "with_streams")
+    }
+    slowdown = {
+        key: round(summary["with_streams"][key] / summary["without_streams"][key] - 1, 3)
+        for key in ("p50_ms", "mean_ms")
+    }
+    result = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{os.cpu_count()} CPUs, {round(psutil.virtual_memory().total / 2**30)} GiB",
+        "command": " ".join(["python -m bench.events_load", *sys.argv[1:]]),
+        "streams": args.streams,
+        "concurrency": args.concurrency,
+        "duration_s": args.duration,
+        "rounds": rounds,
+        "summary": summary,
+        "slowdown": slowdown,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"events-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
+    out.write_text(json.dumps(result, indent=2))
+    for name in ("without_streams", "with_streams"):
+        s = summary[name]
+        print(
+            f"{name:16s}: p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, mean {s['mean_ms']} ms, "
+            f"{s['requests_per_s']}/s; API CPU {s['api_cpu_s_per_s']} s/s, "
+            f"{s['api_cpu_ms_per_request']} ms/request"
+        )
+    print(
+        f"slowdown with {args.streams} streams: p50 {slowdown['p50_ms']:+.1%}, "
+        f"mean {slowdown['mean_ms']:+.1%}"
+    )
+    print(f"streams: {[r['streams'] for r in rounds]}")
+    print(f"written to {out.relative_to(ROOT)}")
+    return 0 if all(r["streams"]["opened"] == args.streams for r in rounds) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
