@@ -8,13 +8,17 @@ New checkpoints are seen without a restart, since every request lists the store;
 
 from __future__ import annotations
 
+import io
+import logging
 import threading
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
+from app.serving import Backend, MicroBatcher, build_backend
 from core.images import InvertChoice, NormalizeChoice, frame_digit, should_invert, to_mode
 from models_store.aliases import DEFAULT_ALIAS, AliasStore, model_name
 from models_store.checkpoint import (
@@ -27,10 +31,17 @@ from models_store.checkpoint import (
 from tasks import get_task
 from tasks.base import Preset
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class LoadedModel:
-    """A checkpoint ready for inference (``model`` in eval mode, on the CPU)."""
+    """A checkpoint ready for inference (``model`` in eval mode, on the serving device).
+
+    ``backend`` runs a uint8 batch to probabilities (``app.serving``; PyTorch unless the registry
+    chose another); ``batcher``, when set, is the process's micro-batcher that ``infer`` goes
+    through for single images.
+    """
 
     model_id: str
     task: str
@@ -38,6 +49,10 @@ class LoadedModel:
     preset: Preset
     classes: list[str]
     sha256: str
+    backend: Backend | None = None
+    batcher: MicroBatcher | None = field(default=None, repr=False)
+    infer_ms: float | None = None  # one image's forward pass when loaded (best of 3), ms
+    light: bool = False  # runs in the calling thread, without the batcher (see ModelRegistry)
 
 
 @dataclass
@@ -61,12 +76,40 @@ class ModelRegistry:
         store: the checkpoint store.
         cache_size: models kept loaded (least recently used evicted).
         aliases: the alias store; without one, aliases are not looked up.
+        device: where models run (``INFERENCE_DEVICE``).
+        backend: ``torch``, ``onnxruntime`` or ``auto`` (``INFERENCE_BACKEND``, see
+            ``app.serving.build_backend``).
+        threads: intra-op threads of the ONNX Runtime backend.
+        batcher: micro-batcher shared by every model of this registry (None: each request runs
+            its own forward pass in its own thread).
+        inline_ms: a model whose one-image forward pass takes less than this (ms) is "light": it
+            skips the batcher, and ``runs_inline`` says its small uploads can be classified in
+            the calling thread (0: never).
     """
 
-    def __init__(self, store: CheckpointStore, cache_size: int = 4, aliases: AliasStore | None = None):
+    INLINE_MAX_UPLOAD_BYTES = 256 * 1024
+    INLINE_MAX_PIXELS = 256 * 256
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        cache_size: int = 4,
+        aliases: AliasStore | None = None,
+        device: torch.device | str = "cpu",
+        backend: str = "torch",
+        threads: int = 1,
+        batcher: MicroBatcher | None = None,
+        inline_ms: float = 0.0,
+    ):
         self.store = store
         self.cache_size = cache_size
         self.aliases = aliases
+        self.device = torch.device(device)
+        self.backend = backend
+        self.threads = threads
+        self.batcher = batcher
+        self.inline_ms = inline_ms
+        self._recent_by_task: dict[str, LoadedModel] = {}
         self._cache: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self._load_locks: dict[str, threading.Lock] = {}
@@ -157,6 +200,7 @@ class ModelRegistry:
             loaded = self._load(info.model_id)
             with self._lock:
                 self._cache[info.model_id] = loaded
+                self._recent_by_task[loaded.task] = loaded
                 self._cache.move_to_end(info.model_id)
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
@@ -177,7 +221,61 @@ class ModelRegistry:
             raise CheckpointInvalid(
                 f"model {model_id}: metadata lists {len(classes)} classes, the weights have {outputs} outputs"
             )
-        return LoadedModel(model_id, meta["task"], model, preset, classes, meta["weights"]["sha256"])
+        backend = build_backend(model, preset, self.device, self.backend, self.threads)
+        infer_ms = _forward_ms(backend, preset)
+        light = infer_ms < self.inline_ms
+        log.info(
+            "model %s served by %s on %s, %.2f ms per image%s",
+            model_id,
+            getattr(backend, "name", "?"),
+            self.device,
+            infer_ms,
+            " (light)" if light else "",
+        )
+        return LoadedModel(
+            model_id,
+            meta["task"],
+            model,
+            preset,
+            classes,
+            meta["weights"]["sha256"],
+            backend,
+            self.batcher,
+            infer_ms,
+            light,
+        )
+
+    def runs_inline(self, model_id: str | None, task: str | None, data: bytes) -> bool:
+        """Whether a request can be decoded and classified in the calling thread (the event loop),
+        without thread hops: the upload is at most ``INLINE_MAX_UPLOAD_BYTES`` and, by its header
+        (nothing is decoded here), at most ``INLINE_MAX_PIXELS``, and its model -- ``model_id``,
+        else the model of ``task`` used last -- is loaded and light. A guess from memory, with no
+        I/O: either answer classifies correctly, only the thread differs."""
+        if self.inline_ms <= 0 or len(data) > self.INLINE_MAX_UPLOAD_BYTES:
+            return False
+        with self._lock:
+            loaded = self._cache.get(model_id) if model_id else self._recent_by_task.get(task or "")
+        if loaded is None or not loaded.light:
+            return False
+        try:
+            with Image.open(io.BytesIO(data)) as header:
+                width, height = header.size
+        except Exception:  # not an image: the thread path answers with the right error
+            return False
+        return width * height <= self.INLINE_MAX_PIXELS
+
+
+def _forward_ms(backend: Backend, preset: Preset) -> float:
+    """Milliseconds of one single-image forward pass of ``backend`` (best of 3, after one warm-up)."""
+    height, width = preset.input_size
+    zeros = torch.zeros(1, preset.channels, height, width, dtype=torch.uint8)
+    backend(zeros)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        backend(zeros)
+        best = min(best, time.perf_counter() - start)
+    return 1000 * best
 
     def evict(self, model_id: str) -> None:
         """Forget a loaded model (after it was deleted). Requests already holding it finish with it."""
@@ -198,30 +296,24 @@ def _output_count(model: torch.nn.Module, preset: Preset) -> int:
         return int(model(preset.normalize(zeros)).shape[1])
 
 
-# Tasks whose inputs ``normalize=auto`` frames as MNIST framed its digits (core.images.frame_digit).
 FRAMED_TASKS = frozenset({"mnist_lenet5"})
 
 
-def predict(
-    loaded: LoadedModel,
-    image: Image.Image,
-    top_k: int,
-    invert: InvertChoice,
-    normalize: NormalizeChoice = "auto",
-) -> Prediction:
-    """Classify one decoded upload.
+def preprocess(
+    loaded: LoadedModel, image: Image.Image, invert: InvertChoice, normalize: NormalizeChoice = "auto"
+) -> tuple[torch.Tensor, bool | None, dict | None]:
+    """Stage 1 of serving: one decoded upload -> the model's uint8 input.
 
     Args:
-        loaded: the model.
+        loaded: the model (its preset decides mode, size and crop).
         image: PIL image of any mode (see ``core.images.to_mode``).
-        top_k: classes to return (clamped to the number of classes).
-        invert: for L-mode presets (MNIST): ``auto``, ``true`` or ``false``.
+        invert: for L-mode presets (MNIST): ``auto``, ``true`` or ``false``; ignored otherwise.
         normalize: ``auto`` frames inputs of ``FRAMED_TASKS`` as MNIST's digits were framed (after
             the polarity step), ``none`` leaves them as sent (the preset resizes them).
 
     Returns:
-        top-k class indices and softmax probabilities (float32 -> float), whether the image was
-        inverted and how it was framed (None for tasks that are never framed).
+        (uint8 tensor (C, H, W) of the preset's input size, whether it was inverted (None for RGB
+        presets), how it was framed (None for tasks that are never framed)).
     """
     image = to_mode(image, loaded.preset.mode)
     inverted = None
@@ -236,9 +328,59 @@ def predict(
             image, framing = frame_digit(image, size=width, box=round(width * 20 / 28))
         else:
             framing = {"applied": False, "reason": "normalize=none"}
-    pixels = loaded.preset.to_uint8(image).unsqueeze(0)
+    return loaded.preset.to_uint8(image), inverted, framing
+
+
+def infer(loaded: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
+    """Stage 2 of serving: a batch of preprocessed images -> class probabilities.
+
+    Args:
+        loaded: the model.
+        pixels: uint8 (N, C, H, W) on the CPU, from ``preprocess`` (stacked).
+
+    Returns:
+        float32 (N, classes) softmax probabilities, on the CPU.
+    """
+    if loaded.backend is not None:
+        return loaded.backend(pixels)
     with torch.inference_mode():
         logits = loaded.model(loaded.preset.normalize(pixels))
-        probabilities = torch.softmax(logits.float(), dim=1)[0]
-        top = torch.topk(probabilities, k=min(top_k, probabilities.numel()))
+        return torch.softmax(logits.float(), dim=1).cpu()
+
+
+def postprocess(
+    probabilities: torch.Tensor, top_k: int, inverted: bool | None, framing: dict | None = None
+) -> Prediction:
+    """Stage 3 of serving: one image's probabilities (float32 (classes,)) -> its top-k, most
+    probable first (``top_k`` clamped to the number of classes)."""
+    top = torch.topk(probabilities, k=min(top_k, probabilities.numel()))
     return Prediction(top.indices.tolist(), top.values.tolist(), inverted, framing)
+
+
+def predict(
+    loaded: LoadedModel,
+    image: Image.Image,
+    top_k: int,
+    invert: InvertChoice,
+    normalize: NormalizeChoice = "auto",
+) -> Prediction:
+    """Classify one decoded upload: ``preprocess``, ``infer`` (through the micro-batcher unless
+    the model is light), ``postprocess``.
+
+    Args:
+        loaded: the model.
+        image: PIL image of any mode (see ``core.images.to_mode``).
+        top_k: classes to return (clamped to the number of classes).
+        invert: for L-mode presets (MNIST): ``auto``, ``true`` or ``false``.
+        normalize: ``auto`` or ``none``, see ``preprocess``.
+
+    Returns:
+        top-k class indices and softmax probabilities (float32 -> float), whether the image was
+        inverted and how it was framed (None for tasks that are never framed).
+    """
+    pixels, inverted, framing = preprocess(loaded, image, invert, normalize)
+    if loaded.batcher is not None and loaded.backend is not None and not loaded.light:
+        probabilities = loaded.batcher.run(loaded.backend, pixels)
+    else:
+        probabilities = infer(loaded, pixels.unsqueeze(0))[0]
+    return postprocess(probabilities, top_k, inverted, framing)

@@ -22,6 +22,7 @@ from app.metrics import MetricsMiddleware
 from app.openapi import install_openapi
 from app.protocol import MAX_URL_BYTES, ContentEncodingMiddleware, HeadAsGetMiddleware, UrlLengthMiddleware
 from app.security import ApiKeyMiddleware
+from app.serving import MicroBatcher
 from core.config import Settings, get_settings
 from core.datasets import DatasetStore
 from core.jobs import JobStore, redis_client
@@ -80,7 +81,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.checkpoints = checkpoints
         app.state.aliases = AliasStore(client, settings.redis_prefix)
         await anyio.to_thread.run_sync(app.state.aliases.refresh)
-        app.state.registry = ModelRegistry(checkpoints, settings.model_cache_size, app.state.aliases)
+        app.state.registry = ModelRegistry(
+            checkpoints,
+            settings.model_cache_size,
+            app.state.aliases,
+            device=inference_device(settings.inference_device),
+            backend=settings.inference_backend,
+            threads=settings.inference_threads,
+            batcher=MicroBatcher(settings.inference_max_batch, settings.inference_max_wait_ms / 1000),
+            inline_ms=settings.inference_inline_ms,
+        )
         app.state.exports = ExportCache(settings.cache_dir / "exports")
         app.state.celery = make_celery(settings)
         app.state.inference_slots = anyio.Semaphore(settings.inference_concurrency)
@@ -140,3 +150,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(HeadAsGetMiddleware)
     return app
+
+
+def inference_device(choice: str) -> torch.device:
+    """``INFERENCE_DEVICE`` as a device: ``auto`` is CUDA when available, else the CPU. Raises
+    ``RuntimeError`` for ``cuda`` on a machine without CUDA."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("INFERENCE_DEVICE=cuda but CUDA is not available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)

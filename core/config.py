@@ -164,6 +164,55 @@ class Settings(BaseSettings):
         description="Largest uncompressed/compressed ratio of one archive entry (zip bombs); a file over "
         "it is skipped, a gzip stream over it fails the dataset.",
     )
+    web_concurrency: int = Field(
+        default_factory=lambda: min(os.cpu_count() or 1, 8),
+        ge=1,
+        le=64,
+        description=(
+            "API processes (uvicorn workers) that scripts/up.sh and the Docker image start; default "
+            "the CPU count, at most 8. Each process keeps its own loaded models (MODEL_CACHE_SIZE "
+            "of them) and has INFERENCE_CONCURRENCY slots."
+        ),
+    )
+    inference_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the API runs models: `auto` picks CUDA when available."
+    )
+    inference_backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto",
+        description=(
+            "What runs a model on the CPU: `onnxruntime` (the weights exported to ONNX when loaded; "
+            "kept only if its outputs match PyTorch's), `torch`, or `auto` (ONNX Runtime when it "
+            "matches, else PyTorch). CUDA always uses PyTorch."
+        ),
+    )
+    inference_max_batch: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description=(
+            "Largest batch of concurrent /predict images of one model run as one forward pass "
+            "(micro-batching; 1 turns it off)."
+        ),
+    )
+    inference_max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description=(
+            "How long the inference thread waits for more images once it has one; 0 runs what is "
+            "queued at once (no added latency; batches still form under load)."
+        ),
+    )
+    inference_inline_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description=(
+            "A model whose one-image forward pass takes less than this (ms, measured when loaded) "
+            "is classified in the event loop for uploads up to 256 KiB, without thread hops or the "
+            "batcher (LeNet-5, the dense net); 0 always uses the worker threads."
+        ),
+    )
 
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -84,8 +84,12 @@ start_api() {
   fi
   "$ROOT/scripts/down.sh" --quiet api || true
   port_free || refuse_port
-  nohup "$VENV/bin/uvicorn" app.main:create_app --factory --host "$HOST" --port "$PORT" \
-    >>var/log/api.log 2>&1 &
+  # WEB_CONCURRENCY processes (default: the CPU count, at most 8), each with its own loaded models
+  # and its own SO_REUSEPORT socket, so that connections spread evenly (app/serve.py)
+  # several processes: each keeps its HTTP metrics here, so /metrics sums them (emptied at start)
+  export PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-$ROOT/var/prometheus}"
+  rm -rf "$PROMETHEUS_MULTIPROC_DIR" && mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
+  nohup "$PY" -m app.serve --host "$HOST" --port "$PORT" >>var/log/api.log 2>&1 &
   echo $! > var/run/api.pid
   echo "$PORT" > var/run/api.port
 }

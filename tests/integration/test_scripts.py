@@ -55,8 +55,12 @@ def test_up_starts_a_local_only_stack_restarts_parts_and_down_stops_it(checkout,
     url = f"http://127.0.0.1:{env['PORT']}"
     [first_worker] = [w["name"] for w in httpx.get(f"{url}/readyz").json()["workers"]]
     api_pid = (checkout / "var" / "run" / "api.pid").read_text()
+    api = psutil.Process(int(api_pid))  # app.serve: its processes listen (SO_REUSEPORT)
     listening = {
-        c.laddr.ip for c in psutil.Process(int(api_pid)).net_connections("tcp") if c.status == "LISTEN"
+        c.laddr.ip
+        for process in [api, *api.children(recursive=True)]
+        for c in process.net_connections("tcp")
+        if c.status == "LISTEN"
     }
     assert listening == {"127.0.0.1"}  # no API keys: not reachable from other machines
     worker = run_script(checkout, env, "up.sh", "worker")
