@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 PAGE = 100
 BLOCK_MS = 5_000
 FEED_KEPT = 500
-EVENT_ID_PATTERN = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 
 def async_redis_client(url: str, timeout_s: float) -> aioredis.Redis:

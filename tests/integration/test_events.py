@@ -156,7 +156,7 @@ def test_events_errors_and_auth(make_stack, start_api):
     ).json()  # no worker: stays queued
     url = f"{api.url}/jobs/{job['id']}/events"
     bad = httpx.get(url, headers={**headers, "Last-Event-ID": "nope"}, timeout=10)
-    assert bad.status_code == 422
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["header", "last-event-id"]
     curves = png(httpx.get(f"{api.url}/jobs/{job['id']}/curves.png", headers=headers, timeout=60))
     assert curves.size == (1200, 450)  # no epoch yet: empty panels
     # A queued job: the history so far (queued), then a cancel arrives live and ends the stream.
