@@ -19,7 +19,6 @@ import asyncio
 import bisect
 import json
 import logging
-import re
 from collections.abc import AsyncIterator
 
 import redis
