@@ -224,6 +224,22 @@ class JobRecord(BaseModel):
     )
 
 
+class CancelOutcome(StrEnum):
+    """What ``JobStore.request_cancel`` did."""
+
+    cancelled = "cancelled"  # it was queued: cancelled at once
+    cancel_requested = "cancel_requested"  # it is running: its worker stops at the next batch
+    ended = "ended"  # it already had a final status: nothing changed
+    missing = "missing"  # no such job
+
+
+class CancelResult(BaseModel):
+    """Outcome of ``JobStore.request_cancel`` and the job's status after it (None when missing)."""
+
+    outcome: CancelOutcome
+    status: JobStatus | None = None
+
+
 class StartResult(BaseModel):
     """Outcome of ``JobStore.start``: ``started`` with the attempt number, or why not."""
 
@@ -399,17 +415,17 @@ _CANCEL = (
     _EVENTS_LUA
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
+if not status then return {'missing', ''} end
 if status == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
   add_event(KEYS[2], KEYS[3], 'status', ARGV[2])
-  return 'cancelled'
+  return {'cancelled', 'cancelled'}
 end
 if status == 'running' then
   redis.call('HSET', KEYS[1], 'cancel_requested', '1')
-  return 'cancel_requested'
+  return {'cancel_requested', status}
 end
-return 'ended:' .. status
+return {'ended', status}
 """
 )
 
@@ -579,14 +595,15 @@ class JobStore:
         ]
         return matching[offset : offset + limit], len(matching)
 
-    def request_cancel(self, job_id: str) -> str:
+    def request_cancel(self, job_id: str) -> CancelResult:
         """Cancel: a queued job becomes cancelled at once, a running one is flagged to stop.
 
-        Returns ``cancelled``, ``cancel_requested``, ``ended:<status>`` (already final) or
-        ``missing``.
+        Returns the outcome (``cancelled``, ``cancel_requested``, ``ended``: it already had a final
+        status, or ``missing``) and the job's status after the call (None when missing).
         """
         keys = [self.job_key(job_id), *self._event_keys(job_id)]
-        return self._cancel(keys=keys, args=[utcnow(), status_event(JobStatus.cancelled)])
+        outcome, status = self._cancel(keys=keys, args=[utcnow(), status_event(JobStatus.cancelled)])
+        return CancelResult(outcome=CancelOutcome(outcome), status=JobStatus(status) if status else None)
 
     # worker side
     def start(

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from core.jobs import IdempotencyConflict, JobStatus, JobStore, redis_client
+from core.jobs import CancelOutcome, CancelResult, IdempotencyConflict, JobStatus, JobStore, redis_client
 
 pytestmark = pytest.mark.integration
 
@@ -67,17 +67,17 @@ def test_success_gives_way_to_a_cancel_that_arrived_first(store):
 
 def test_cancel_queued_never_starts(store):
     job, _ = store.create("mnist_lenet5", HP)
-    assert store.request_cancel(job.id) == "cancelled"
+    assert store.request_cancel(job.id) == CancelResult(outcome="cancelled", status="cancelled")
     assert store.start(job.id, "tok", 30, "w", "cpu", 3).outcome == "cancelled"
     assert store.get(job.id).status == JobStatus.cancelled
-    assert store.request_cancel(job.id) == "ended:cancelled"
-    assert store.request_cancel("0" * 32) == "missing"
+    assert store.request_cancel(job.id) == CancelResult(outcome="ended", status="cancelled")
+    assert store.request_cancel("0" * 32) == CancelResult(outcome="missing", status=None)
 
 
 def test_cancel_running_sets_flag(store):
     job, _ = store.create("mnist_lenet5", HP)
     store.start(job.id, "tok", 30, "w", "cpu", 3)
-    assert store.request_cancel(job.id) == "cancel_requested"
+    assert store.request_cancel(job.id).outcome == CancelOutcome.cancel_requested
     assert store.is_cancel_requested(job.id)
     assert store.get(job.id).status == JobStatus.running
 

@@ -13,7 +13,7 @@ from app.events import job_events
 from app.figures import PNG, curves_png, run_bounded
 from app.schemas import JOB_CREATE_EXAMPLES, JobCreate, JobPublic, JobsPublic, error_responses
 from app.security import key_owner
-from core.jobs import JOB_ID_PATTERN, IdempotencyConflict, JobStatus, request_hash
+from core.jobs import JOB_ID_PATTERN, CancelOutcome, IdempotencyConflict, JobStatus, request_hash
 from core.queue import enqueue_training
 from models_store.sources import resnet18_source_problem
 from tasks import TaskName, get_task
@@ -197,11 +197,11 @@ def get_job(job_id: JobId, jobs: JobStoreDep) -> JobPublic:
 def cancel_job(job_id: JobId, jobs: JobStoreDep) -> JobPublic:
     """A queued job is cancelled at once and never starts; a running one stops at its next
     batch boundary and ends `cancelled` (`cancel_requested` is true meanwhile)."""
-    outcome = jobs.request_cancel(job_id)
-    if outcome == "missing":
+    result = jobs.request_cancel(job_id)
+    if result.outcome == CancelOutcome.missing:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id {job_id}")
-    if outcome.startswith("ended:"):
-        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already ended: {outcome[6:]}")
+    if result.outcome == CancelOutcome.ended:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already ended: {result.status}")
     return JobPublic.model_validate(jobs.get(job_id).model_dump())
 
 
