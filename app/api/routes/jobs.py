@@ -234,7 +234,7 @@ async def job_events_stream(
         str | None,
         Header(
             max_length=64,
-            pattern=r"^\s*\d{1,20}-\d{1,20}\s*\Z",
+            pattern=r"^\s*\d{1,20}-\d{1,20}\s*$",  # pydantic-core regex: $ is the end of the text
             description="Resume: only the events after this id (as sent by EventSource on reconnect), "
             "e.g. 1764464000123-0.",
         ),
