@@ -41,14 +41,56 @@ def select_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
-class LeaseHeartbeat:
-    """Renews a job's lease every third of its TTL from a daemon thread; ``lost`` once it fails."""
+class JobLease:
+    """This worker's hold on one running job: every write it makes to the record is fenced by the
+    lease token (``JobStore`` refuses writes from a worker that lost the lease).
+
+    Args:
+        store: the job store.
+        job_id: the job.
+        token: the lease token this worker took with ``JobStore.start``.
+        ttl_s: lease time to live, seconds (JOB_LEASE_TTL_S).
+    """
 
     def __init__(self, store: JobStore, job_id: str, token: str, ttl_s: float):
         self.store, self.job_id, self.token, self.ttl_s = store, job_id, token, ttl_s
+
+    def renew(self) -> bool:
+        """Extend the lease; False once this worker no longer holds it."""
+        return self.store.renew_lease(self.job_id, self.token, self.ttl_s)
+
+    def update(self, progress_event: bool = False, **fields: object) -> bool:
+        """Write fields of the running job; False (nothing written) without the lease."""
+        return self.store.update(self.job_id, self.token, progress_event=progress_event, **fields)
+
+    def cancel_requested(self) -> bool:
+        return self.store.is_cancel_requested(self.job_id)
+
+    def finish(self, status: JobStatus, unless_cancelled: bool = False, **fields: object) -> str:
+        """Record the final status (see ``JobStore.finish``), retrying for up to a minute while
+        Redis is unreachable; returns the store's outcome, or ``unrecorded``."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return self.store.finish(
+                    self.job_id, self.token, status, unless_cancel_requested=unless_cancelled, **fields
+                )
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    log.error("job %s: could not record final status %s: %s", self.job_id, status, exc)
+                    return "unrecorded"
+                log.warning("job %s: Redis unreachable, retrying final status: %s", self.job_id, exc)
+                time.sleep(2)
+
+
+class LeaseHeartbeat:
+    """Renews a job's lease every third of its TTL from a daemon thread; ``lost`` once it fails."""
+
+    def __init__(self, lease: JobLease):
+        self.lease = lease
         self.lost = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id[:8]}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"lease-{lease.job_id[:8]}", daemon=True)
 
     def __enter__(self) -> LeaseHeartbeat:
         self._thread.start()
@@ -59,15 +101,16 @@ class LeaseHeartbeat:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
+        job_id = self.lease.job_id
+        while not self._stop.wait(self.lease.ttl_s / 3):
             try:
-                if not self.store.renew_lease(self.job_id, self.token, self.ttl_s):
+                if not self.lease.renew():
                     if not self._stop.is_set():  # not just released by finishing the job
-                        log.error("job %s: lease lost; stopping at the next batch", self.job_id)
+                        log.error("job %s: lease lost; stopping at the next batch", job_id)
                         self.lost = True
                     return
             except Exception as exc:  # Redis briefly unreachable: keep trying until the TTL runs out
-                log.warning("job %s: could not renew lease: %s", self.job_id, exc)
+                log.warning("job %s: could not renew lease: %s", job_id, exc)
 
 
 def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
@@ -95,13 +138,14 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
         return start.outcome
     record = store.get(job_id)
     log.info("job %s (%s) started on %s, attempt %d", job_id, record.task, device, start.attempts)
+    lease = JobLease(store, job_id, token, settings.job_lease_ttl_s)
     if device_error:
-        _finish(store, job_id, token, JobStatus.failed, error=device_error)
+        lease.finish(JobStatus.failed, error=device_error)
         return JobStatus.failed.value
     resume = ResumeStore(settings.resume_dir(job_id))
     checkpoints = CheckpointStore(settings.models_dir)
-    with LeaseHeartbeat(store, job_id, token, settings.job_lease_ttl_s) as heartbeat:
-        ctx, latest = _context(settings, store, job_id, token, device, resume, heartbeat)
+    with LeaseHeartbeat(lease) as heartbeat:
+        ctx, latest = _context(settings, lease, device, resume, heartbeat)
         ctx.dataset = record.dataset
         started = time.perf_counter()
         try:
@@ -114,13 +158,13 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
         except StopTraining as stop:
             if stop.reason == LEASE_LOST:  # another worker owns the job now, and its resume state
                 return "leased"
-            outcome = _end(store, job_id, token, JobStatus.cancelled, ctx, started, latest)
+            outcome = _end(lease, JobStatus.cancelled, ctx, started, latest)
         except Exception as exc:
             log.exception("job %s failed", job_id)
             error = _describe_error(exc)
-            outcome = _end(store, job_id, token, JobStatus.failed, ctx, started, latest, error=error)
+            outcome = _end(lease, JobStatus.failed, ctx, started, latest, error=error)
         else:
-            outcome = _end(store, job_id, token, JobStatus.succeeded, ctx, started, latest, model_id=model_id)
+            outcome = _end(lease, JobStatus.succeeded, ctx, started, latest, model_id=model_id)
             if outcome != JobStatus.succeeded:  # cancelled while the checkpoint was being written
                 checkpoints.delete(model_id)
         resume.clear()
@@ -130,9 +174,7 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
 
 
 def _end(
-    store: JobStore,
-    job_id: str,
-    token: str,
+    lease: JobLease,
     status: JobStatus,
     ctx: TrainingContext,
     started: float,
@@ -147,11 +189,11 @@ def _end(
     ctx.add_time("total_s", time.perf_counter() - started)
     fields = {**latest, **fields, "timings": ctx.timings}
     if status == JobStatus.succeeded:
-        if _finish(store, job_id, token, status, unless_cancelled=True, **fields) != "cancel_requested":
+        if lease.finish(status, unless_cancelled=True, **fields) != "cancel_requested":
             return status.value
         fields.pop("model_id")
         status = JobStatus.cancelled
-    _finish(store, job_id, token, status, **fields)
+    lease.finish(status, **fields)
     return status.value
 
 
@@ -224,9 +266,7 @@ def _unwritable(checkpoints: CheckpointStore, exc: OSError) -> OSError:
 
 def _context(
     settings: Settings,
-    store: JobStore,
-    job_id: str,
-    token: str,
+    lease: JobLease,
     device: torch.device,
     resume: ResumeStore,
     heartbeat: LeaseHeartbeat,
@@ -237,9 +277,9 @@ def _context(
         if heartbeat.lost:
             return LEASE_LOST
         try:
-            return CANCELLED if store.is_cancel_requested(job_id) else None
+            return CANCELLED if lease.cancel_requested() else None
         except Exception as exc:
-            log.warning("job %s: cannot check for cancel: %s", job_id, exc)
+            log.warning("job %s: cannot check for cancel: %s", lease.job_id, exc)
             return None
 
     ctx = TrainingContext(
@@ -256,22 +296,18 @@ def _context(
     )
     latest: dict[str, object] = {}
     ctx.on_progress = _safe(
-        store,
-        job_id,
-        token,
+        lease,
         latest,
         lambda p: {"progress": p, "timings": ctx.timings},
         event_interval_s=PROGRESS_EVENT_INTERVAL_S,
     )
-    ctx.on_epoch = _safe(store, job_id, token, latest, lambda m: {"metrics": [e.model_dump() for e in m]})
-    ctx.on_info = _safe(store, job_id, token, latest, lambda info: info)
+    ctx.on_epoch = _safe(lease, latest, lambda m: {"metrics": [e.model_dump() for e in m]})
+    ctx.on_info = _safe(lease, latest, lambda info: info)
     return ctx, latest
 
 
 def _safe(
-    store: JobStore,
-    job_id: str,
-    token: str,
+    lease: JobLease,
     latest: dict[str, object],
     fields: Callable[[object], dict],
     event_interval_s: float | None = None,
@@ -287,34 +323,12 @@ def _safe(
         now = time.monotonic()
         event = event_interval_s is not None and now - last_event[0] >= event_interval_s
         try:
-            if store.update(job_id, token, progress_event=event, **values) and event:
+            if lease.update(progress_event=event, **values) and event:
                 last_event[0] = now
         except Exception as exc:
-            log.warning("job %s: could not record progress: %s", job_id, exc)
+            log.warning("job %s: could not record progress: %s", lease.job_id, exc)
 
     return write
-
-
-def _finish(
-    store: JobStore,
-    job_id: str,
-    token: str,
-    status: JobStatus,
-    unless_cancelled: bool = False,
-    **fields: object,
-) -> str:
-    """Record the final status (see ``JobStore.finish``), retrying for up to a minute while Redis
-    is unreachable; returns the store's outcome, or ``unrecorded``."""
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            return store.finish(job_id, token, status, unless_cancel_requested=unless_cancelled, **fields)
-        except Exception as exc:
-            if time.monotonic() > deadline:
-                log.error("job %s: could not record final status %s: %s", job_id, status, exc)
-                return "unrecorded"
-            log.warning("job %s: Redis unreachable, retrying final status: %s", job_id, exc)
-            time.sleep(2)
 
 
 def _describe_error(exc: BaseException) -> str:
