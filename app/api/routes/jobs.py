@@ -13,7 +13,7 @@ from app.events import job_events
 from app.figures import PNG, curves_png, run_bounded
 from app.schemas import JOB_CREATE_EXAMPLES, JobCreate, JobPublic, JobsPublic, error_responses
 from app.security import key_owner
-from core.jobs import JOB_ID_PATTERN, CancelOutcome, IdempotencyConflict, JobStatus, request_hash
+from core.jobs import JOB_ID_PATTERN, CancelOutcome, IdempotencyConflict, JobRecord, JobStatus, request_hash
 from core.queue import enqueue_training
 from models_store.sources import resnet18_source_problem
 from tasks import TaskName, get_task
@@ -96,7 +96,7 @@ def create_job(
             "(keys are scoped to the API key: clients never see each other's jobs through them).",
         ),
     ] = None,
-) -> JobPublic:
+) -> JobRecord:
     """Validate and enqueue a job; a worker picks it up. Poll `GET /jobs/{id}` for progress."""
     payload = job.model_dump(mode="json")
     dataset = getattr(job, "dataset", None)
@@ -122,7 +122,7 @@ def create_job(
     else:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/jobs/{record.id}"
-    return JobPublic.model_validate(record.model_dump())
+    return record
 
 
 def _check_references(job, dataset: str | None, datasets, checkpoints) -> None:
@@ -158,9 +158,9 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=200, description="Page size.")] = 20,
     status_filter: Annotated[JobStatus | None, Query(alias="status", description="Only this status.")] = None,
     task: Annotated[TaskName | None, Query(description="Only this task.")] = None,
-) -> JobsPublic:
+) -> dict:
     records, total = jobs.list(offset, limit, status_filter, task)
-    return JobsPublic(data=[JobPublic.model_validate(r.model_dump()) for r in records], count=total)
+    return {"data": records, "count": total}
 
 
 @router.get(
@@ -171,11 +171,11 @@ def list_jobs(
         _404="No such job.", _500="The job's stored record is unreadable.", _503="Redis is unreachable."
     ),
 )
-def get_job(job_id: JobId, jobs: JobStoreDep) -> JobPublic:
+def get_job(job_id: JobId, jobs: JobStoreDep) -> JobRecord:
     record = jobs.get(job_id)
     if record is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id {job_id}")
-    return JobPublic.model_validate(record.model_dump())
+    return record
 
 
 @router.post(
@@ -194,7 +194,7 @@ def get_job(job_id: JobId, jobs: JobStoreDep) -> JobPublic:
         _503="Redis is unreachable.",
     ),
 )
-def cancel_job(job_id: JobId, jobs: JobStoreDep) -> JobPublic:
+def cancel_job(job_id: JobId, jobs: JobStoreDep) -> JobRecord:
     """A queued job is cancelled at once and never starts; a running one stops at its next
     batch boundary and ends `cancelled` (`cancel_requested` is true meanwhile)."""
     result = jobs.request_cancel(job_id)
@@ -202,7 +202,7 @@ def cancel_job(job_id: JobId, jobs: JobStoreDep) -> JobPublic:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id {job_id}")
     if result.outcome == CancelOutcome.ended:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already ended: {result.status}")
-    return JobPublic.model_validate(jobs.get(job_id).model_dump())
+    return jobs.get(job_id)
 
 
 EVENTS_PING_S = 15
