@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from app.serving import Backend, MicroBatcher, build_backend
-from core.images import InvertChoice, NormalizeChoice, frame_digit, should_invert, to_mode
+from core.images import ALLOWED_FORMATS, InvertChoice, NormalizeChoice, frame_digit, should_invert, to_mode
 from models_store.aliases import DEFAULT_ALIAS, AliasStore, model_name
 from models_store.checkpoint import (
     CheckpointError,
@@ -258,11 +258,20 @@ class ModelRegistry:
         if loaded is None or not loaded.light:
             return False
         try:
-            with Image.open(io.BytesIO(data)) as header:
+            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as header:
                 width, height = header.size
         except Exception:  # not an image: the thread path answers with the right error
             return False
         return width * height <= self.INLINE_MAX_PIXELS
+
+    def evict(self, model_id: str) -> None:
+        """Forget a loaded model (after it was deleted). Requests already holding it finish with it."""
+        with self._lock:
+            self._cache.pop(model_id, None)
+            self._load_locks.pop(model_id, None)
+            for task, loaded in list(self._recent_by_task.items()):
+                if loaded.model_id == model_id:
+                    del self._recent_by_task[task]
 
 
 def _forward_ms(backend: Backend, preset: Preset) -> float:
@@ -276,16 +285,6 @@ def _forward_ms(backend: Backend, preset: Preset) -> float:
         backend(zeros)
         best = min(best, time.perf_counter() - start)
     return 1000 * best
-
-    def evict(self, model_id: str) -> None:
-        """Forget a loaded model (after it was deleted). Requests already holding it finish with it."""
-        with self._lock:
-            self._cache.pop(model_id, None)
-            self._load_locks.pop(model_id, None)
-
-    def cached_ids(self) -> list[str]:
-        with self._lock:
-            return list(self._cache)
 
 
 def _output_count(model: torch.nn.Module, preset: Preset) -> int:

@@ -134,10 +134,13 @@ async def predict_image(
             f"the file is larger than the limit of {settings.max_upload_bytes} bytes (MAX_UPLOAD_BYTES)",
         )
     limits = DecodeLimits.from_settings(settings)
-    if registry.runs_inline(model_id, task, data):  # light model, small image: thread hops cost more
+    if registry.runs_inline(model_id, task, data):
+        # a light model and a small image: the thread hops would cost more than the work
         image, info = open_image(data, limits)
         async with request.app.state.inference_slots:
-            return _classify(registry, settings, image, info, model_id, task, top_k, invert, normalize)
+            return _classify(
+                registry, settings, image, info, model_id, task, top_k, invert, normalize, alias, dataset
+            )
     image, info = await run_in_threadpool(open_image, data, limits)
     heavy = info["cost"] > settings.heavy_decode_cost
     lane = request.app.state.heavy_decode_lane if heavy else request.app.state.inference_slots
