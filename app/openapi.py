@@ -76,6 +76,21 @@ def _no_nulls_in_form(form: dict[str, Any]) -> None:
             form["properties"][name] = {**others[0], **rest}
 
 
+def _empty_means_absent(form: dict[str, Any]) -> None:
+    """An optional text field sent empty counts as absent (FastAPI's rule for forms), so its
+    pattern admits the empty string. Its example is empty too: Swagger UI would otherwise fill it
+    with a random string matching the pattern (an invented model id, alias or dataset id), and
+    "Try it out" would fail with 404. Swagger UI sends its empty fields."""
+    required = set(form.get("required", []))
+    for name, prop in form.get("properties", {}).items():
+        if name in required or "pattern" not in prop:
+            continue
+        prop["pattern"] = "^$|" + prop["pattern"]
+        prop.pop("minLength", None)
+        if "example" not in prop and "examples" not in prop:
+            prop["example"] = ""
+
+
 def complete_openapi(schema: dict[str, Any], auth: bool = True) -> dict[str, Any]:
     """Add the statuses that middleware answers (414 everywhere; 413 and 415 for request bodies),
     give every 422 its real shape, and declare the constraints of forms (one of these fields, no
@@ -107,6 +122,7 @@ def complete_openapi(schema: dict[str, Any], auth: bool = True) -> dict[str, Any
                 _no_nulls_in_form(components[ref.rsplit("/", 1)[-1]])
             if ref and path in CLOSED_FORMS:
                 components[ref.rsplit("/", 1)[-1]]["additionalProperties"] = False
+                _empty_means_absent(components[ref.rsplit("/", 1)[-1]])
             if fields and ref:
                 form = components[ref.rsplit("/", 1)[-1]]
                 present = [f for f in fields if f in form.get("properties", {})]

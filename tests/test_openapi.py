@@ -172,6 +172,9 @@ def test_swagger_prefills_only_values_that_work(schema):
     body_ref = schema["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     props = schema["components"]["schemas"][body_ref["$ref"].rsplit("/", 1)[-1]]["properties"]
     assert "examples" not in props["model_id"] and "default" not in props["model_id"]
+    for name in ("model_id", "alias", "dataset"):  # Swagger UI would invent a value from the pattern
+        assert props[name]["example"] == "" and props[name]["pattern"].startswith("^$|"), name
+        assert re.fullmatch(props[name]["pattern"].removeprefix("^$|").rstrip("$").lstrip("^"), "") is None
     assert props["task"]["examples"] == ["mnist_lenet5"]
     assert props["top_k"]["default"] == props["top_k"]["examples"][0] == 5
     from pathlib import Path

@@ -165,8 +165,9 @@ FORM_FIELDS = ("file", "task", "model_id", "top_k", "invert", "normalize", "alia
 
 
 def _check_form_fields(form: FormData) -> None:
-    """422 for an unknown field (a typo such as ``topk`` would otherwise be ignored), a repeated one,
-    or an empty one (``model_id=`` would otherwise silently mean "no model_id")."""
+    """422 for an unknown field (a typo such as ``topk`` would otherwise be ignored) or a repeated
+    one. An empty field counts as absent (FastAPI's rule for forms; Swagger UI sends its empty
+    fields), and the OpenAPI document says so."""
     unknown = sorted({name for name in form if name not in FORM_FIELDS})
     if unknown:
         raise HTTPException(
@@ -177,13 +178,6 @@ def _check_form_fields(form: FormData) -> None:
     if repeated:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT, f"form field(s) given twice: {', '.join(repeated)}"
-        )
-    # FastAPI reads an empty text field as absent; the spec (and a typo check) says it is invalid
-    empty = sorted({name for name, value in form.multi_items() if isinstance(value, str) and value == ""})
-    if empty:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"form field(s) {', '.join(empty)} given empty; leave a field out to use its default",
         )
 
 
