@@ -148,7 +148,12 @@ def finish(job: dict[str, Any]) -> None:
 @app.command()
 def train(
     ctx: typer.Context,
-    task: Annotated[str, typer.Argument(help="mnist_lenet5, cifar10_dense or hymenoptera_resnet18.")],
+    task: Annotated[
+        str,
+        typer.Argument(
+            help="mnist_lenet5, cifar10_dense, hymenoptera_resnet18, or custom_resnet18 with --dataset."
+        ),
+    ],
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -161,11 +166,15 @@ def train(
         bool,
         typer.Option("--follow", "-f", help="Show progress until the job ends; exit 1 unless it succeeds."),
     ] = False,
+    dataset: Annotated[
+        str | None, typer.Option(help="custom_resnet18: the id of an uploaded dataset (GET /datasets).")
+    ] = None,
 ) -> None:
     """Submit a training job."""
     client = _client(ctx)
     hyperparameters = parse_set(set_ or [])
-    job = run(lambda: client.post_json("/jobs", {"task": task, "hyperparameters": hyperparameters}))
+    body = {"task": task, "hyperparameters": hyperparameters} | ({"dataset": dataset} if dataset else {})
+    job = run(lambda: client.post_json("/jobs", body))
     out.print(f"job {job['id']} {job['status']} ({task})")
     if follow:
         finish(run(lambda: follow_job(client, job["id"], out)))
@@ -322,13 +331,20 @@ def predict(
     ],
     task: Annotated[str | None, typer.Option(help="Use the newest valid model of this task.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Use this model id.")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="Use the production (else newest) model of this uploaded dataset.")
+    ] = None,
+    alias: Annotated[
+        str | None, typer.Option(help="With --task or --dataset: the model carrying this alias.")
+    ] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes per image (1-100).")] = 3,
 ) -> None:
     """Classify images: one line per file, `FILE: label (probability), ...`; exit 1 if any failed."""
-    if not task and not model:
-        raise typer.BadParameter("give --task or --model", param_hint="--task/--model")
+    if not task and not model and not dataset:
+        raise typer.BadParameter("give --task, --model or --dataset", param_hint="--task/--model/--dataset")
     client = _client(ctx)
-    form = {"top_k": str(top_k)} | ({"task": task} if task else {}) | ({"model_id": model} if model else {})
+    optional = {"task": task, "model_id": model, "dataset": dataset, "alias": alias}
+    form = {"top_k": str(top_k)} | {name: value for name, value in optional.items() if value}
     failed = 0
     for path in files:
         try:

@@ -150,6 +150,10 @@ def test_api_errors_are_printed_plainly(cli_stack):
     assert result.stderr.startswith("error: 422 Unprocessable Entity: mnist_lenet5.hyperparameters.epochs: ")
     assert httpx.get(f"{api.url}/jobs", params={"status": "queued"}).json()["count"] == 0
 
+    result = imgclf(api.url, "train", "custom_resnet18", "--dataset", "0" * 32)  # the dataset is sent
+    assert result.returncode == 1 and result.stderr.startswith("error: 422 Unprocessable Entity: ")
+    assert "0" * 32 in result.stderr and "Field required" not in result.stderr
+
     result = imgclf("http://127.0.0.1:9", "models", "ls")
     assert result.returncode == 1 and result.stderr.startswith(
         "error: cannot reach the API at http://127.0.0.1:9"
