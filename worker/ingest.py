@@ -36,6 +36,7 @@ import shutil
 import struct
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -58,7 +59,7 @@ from core.jobs import redis_client
 from tasks import get_task
 from tasks.base import Preset
 from worker.archives import ArchiveRefused, Limits, Member, MemberTooLarge, SafeArchive
-from worker.data import ImageDataset
+from worker.data import ImageDataset, SplitItems
 
 log = logging.getLogger(__name__)
 
@@ -502,6 +503,37 @@ def load_uploaded(datasets_dir: Path, dataset_id: str) -> dict[str, ImageDataset
             source=f"dataset {dataset_id} ({split})",
         )
     return out
+
+
+def read_uploaded_items(
+    datasets_dir: Path, dataset_id: str, split: str, pick: Callable[[int], list[int]]
+) -> SplitItems:
+    """A few images of a split of a ready dataset, reading only their rows of the cache.
+
+    ``pick`` maps the split's size to the indices wanted (index in the split, in ImageFolder
+    order, as in an evaluation's ``mistakes``). Raises ``FileNotFoundError`` (no cache),
+    ``ValueError`` (unknown split, unreadable cache) or what ``pick`` raises.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"an uploaded dataset has the splits {', '.join(SPLITS)}, not {split!r}")
+    path = Path(datasets_dir) / dataset_id / CACHE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset {dataset_id}: its cache {path} is missing (deleted?)")
+    with safe_open(str(path), framework="pt") as f:
+        classes = json.loads(f.metadata()["classes"])
+        rows = f.get_tensor(f"{split}_index")
+        indices = pick(len(rows))
+        labels = f.get_tensor("labels")
+        images = f.get_slice("images")
+        chosen = [int(rows[i]) for i in indices]
+        pixels = [images[row : row + 1] for row in chosen]
+    return SplitItems(
+        images=torch.cat(pixels) if pixels else torch.empty((0, 3, 224, 224), dtype=torch.uint8),
+        labels=labels[chosen].to(torch.int64) if chosen else torch.empty(0, dtype=torch.int64),
+        indices=indices,
+        classes=list(classes),
+        size=len(rows),
+    )
 
 
 def class_counts(dataset: ImageDataset) -> Counter:

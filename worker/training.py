@@ -356,7 +356,7 @@ def run_training(task: str, hyperparameters: dict | Hyperparameters, ctx: Traini
     if loop is not None:
         ctx.on_progress(loop.progress(loop.batches_total, stage="evaluating"))
         start = time.perf_counter()
-        evaluation = final_evaluation(spec, recipe)
+        evaluation = final_evaluation(spec, recipe, ctx.dataset)
         ctx.add_time("eval_s", time.perf_counter() - start)
         ctx.on_progress(loop.progress(loop.batches_total, stage="saving_checkpoint"))
     tensors, architecture, extra = recipe.export()
@@ -374,13 +374,14 @@ def run_training(task: str, hyperparameters: dict | Hyperparameters, ctx: Traini
     )
 
 
-def final_evaluation(spec: Task, recipe: Recipe) -> dict:
+def final_evaluation(spec: Task, recipe: Recipe, dataset: str | None = None) -> dict:
     """The checkpoint's ``evaluation`` (see ``worker.evaluation.evaluation_report``) of the final
     model on the task's eval split, through the recipe's own eval path (ResNet18 feature
-    extraction: the fc on the frozen-backbone features)."""
+    extraction: the fc on the frozen-backbone features). ``dataset``: the uploaded dataset's id
+    (custom tasks), so that its images can be found again; else the task's dataset name."""
     predict, inputs, labels, normalizer, batch_size = recipe.eval_inputs()
     probabilities = predict_probabilities(predict, inputs, normalizer, batch_size)
-    return evaluation_report(probabilities, labels, recipe.classes, spec.eval_split, spec.dataset)
+    return evaluation_report(probabilities, labels, recipe.classes, spec.eval_split, dataset or spec.dataset)
 
 
 def _check_finite(epoch: EpochMetrics) -> None:

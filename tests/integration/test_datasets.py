@@ -5,12 +5,15 @@ disk, API and worker still healthy)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import resource
 import signal
 import time
+from urllib.parse import unquote
 
 import pytest
+from PIL import Image
 
 from tests.conftest import api_client, wait_for, wait_for_status
 from tests.factories_datasets import (
@@ -251,6 +254,17 @@ def test_custom_resnet18_trains_on_an_upload_and_predicts_its_classes(make_stack
             "/predict", files={"file": ("x.png", images["red/000.png"])}, data={"model_id": job["model_id"]}
         ).json()
         assert {p["label"] for p in predicted["predictions"]} == {"blue", "green", "red"}
+        # the evaluation names the uploaded dataset, so the console finds the mistakes' images
+        evaluation = model["evaluation"]
+        assert evaluation["dataset"] == dataset_id and sum(map(sum, evaluation["confusion_matrix"])) > 0
+        shown = client.get(f"/datasets/{dataset_id}/images/val/0")
+        assert shown.status_code == 200 and shown.headers["content-type"] == "image/png", shown.text
+        assert Image.open(io.BytesIO(shown.content)).size == (224, 224)
+        assert unquote(shown.headers["x-class"]) in {"blue", "green", "red"}
+        grid = client.get(f"/datasets/{dataset_id}/samples.png", params={"n": 4})
+        assert grid.status_code == 200 and Image.open(io.BytesIO(grid.content)).format == "PNG"
+        assert client.get(f"/datasets/{dataset_id}/images/val/100000").status_code == 404
+        assert client.get(f"/datasets/{dataset_id}/images/test/0").status_code == 404
 
         # from that checkpoint (same classes: its fc is kept), in feature-extraction mode
         follow = submit_custom(

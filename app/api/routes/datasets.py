@@ -43,6 +43,7 @@ from core.datasets import (
 from core.queue import enqueue_ingest
 from tasks import get_task, list_tasks
 from worker.data import DatasetCorrupt, DatasetNotFound, SplitItems, read_items
+from worker.ingest import read_uploaded_items
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,9 @@ def dataset_tasks() -> dict[str, str]:
     return found
 
 
-DatasetName = Annotated[str, Path(max_length=64, description="Dataset: mnist, cifar10 or hymenoptera.")]
+DatasetName = Annotated[
+    str, Path(max_length=64, description="Dataset: mnist, cifar10, hymenoptera, or an uploaded dataset id.")
+]
 
 
 def task_of(name: str, split: str | None = None) -> str:
@@ -77,7 +80,32 @@ def task_of(name: str, split: str | None = None) -> str:
     return task
 
 
-def _read(settings, name: str, task: str, split: str, pick) -> SplitItems:
+def _task_or_uploaded(request: Request, name: str, split: str) -> str | None:
+    """The task serving built-in dataset ``name``, or None for a ready uploaded dataset (by its
+    id); 404 otherwise."""
+    if _UPLOADED_ID.fullmatch(name):
+        record = request.app.state.datasets.get(name)
+        if record is None or record.status != "ready":
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no ready uploaded dataset {name}")
+        if split not in UPLOADED_SPLITS:
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND, f"dataset {name} has no split {split!r}; it has train, val"
+            )
+        return None
+    return task_of(name, split)
+
+
+_UPLOADED_ID = re.compile(r"[0-9a-f]{32}")
+UPLOADED_SPLITS = ("train", "val")
+
+
+def _read(settings, name: str, task: str | None, split: str, pick) -> SplitItems:
+    """Images of a built-in dataset (``task`` serves it), or of an uploaded one (``task`` None)."""
+    if task is None:
+        try:
+            return read_uploaded_items(settings.datasets_dir, name, split, pick)
+        except (FileNotFoundError, ValueError) as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, f"dataset {name} cannot be read: {exc}") from None
     try:
         return read_items(task, split, settings.data_dir, settings.cache_dir, pick)
     except DatasetNotFound as exc:
@@ -97,6 +125,7 @@ def _read(settings, name: str, task: str, split: str, pick) -> SplitItems:
 )
 async def samples(
     name: DatasetName,
+    request: Request,
     settings: SettingsDep,
     split: Annotated[
         str, Query(max_length=16, description="train, or test (val for hymenoptera).")
@@ -105,9 +134,9 @@ async def samples(
     seed: Annotated[int, Query(ge=0, le=2**32 - 1, description="Which images: a seeded random choice.")] = 0,
 ) -> Response:
     """`n` images chosen at random (seeded) from the split, after the task's preprocessing (for
-    hymenoptera the 224 x 224 centre crop), each titled with its class name. The grid is
-    ceil(sqrt(n)) columns wide; each tile is 120 x 144 pixels."""
-    task = task_of(name, split)
+    hymenoptera and uploaded datasets the 224 x 224 centre crop), each titled with its class name.
+    The grid is ceil(sqrt(n)) columns wide; each tile is 120 x 144 pixels."""
+    task = _task_or_uploaded(request, name, split)
 
     def pick(size: int) -> list[int]:
         return random.Random(seed).sample(range(size), min(n, size))
@@ -132,12 +161,13 @@ async def image(
     name: DatasetName,
     split: Annotated[str, Path(max_length=16, description="train, or test (val for hymenoptera).")],
     index: Annotated[int, Path(ge=0, description="Index in the split, in the dataset loader's order.")],
+    request: Request,
     settings: SettingsDep,
 ) -> Response:
     """The image as the model saw it: the uint8 tensor after the task's resize and crop (28 x 28
     grey for MNIST, 32 x 32 RGB for CIFAR-10, 224 x 224 RGB for hymenoptera). The index is the one
     in an evaluation's `mistakes`; the class name is in the `X-Class` header (percent-encoded)."""
-    task = task_of(name, split)
+    task = _task_or_uploaded(request, name, split)
 
     def pick(size: int) -> list[int]:
         if index >= size:
