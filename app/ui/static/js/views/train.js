@@ -39,7 +39,7 @@ export async function jobForms() {
         default: "default" in prop ? prop.default : null,
       };
     });
-    return { task, description: schema.description || "", fields };
+    return { task, description: schema.description || "", fields, needsDataset: "dataset" in (schema.properties || {}) };
   });
 }
 
@@ -86,6 +86,7 @@ export function render(root, params) {
     if (params.task && forms.some((f) => f.task === params.task)) select.value = params.task;
     const about = h("p", { class: "muted", id: "task-description" });
     const fieldsBox = h("div", { class: "fields" });
+    const datasetBox = h("div");
     const formError = h("div", { id: "form-error" });
     const submit = h("button", { type: "submit", id: "submit-job", class: "primary" }, "Start training");
     const reset = h("button", { type: "button" }, "Reset to defaults");
@@ -93,6 +94,7 @@ export function render(root, params) {
       "form",
       { class: "card job-form", id: "job-form", novalidate: true },
       h("div", { class: "field" }, h("label", { for: "train-task" }, "task"), select, about),
+      datasetBox,
       fieldsBox,
       formError,
       h("div", { class: "actions" }, submit, reset, h("span", { class: "muted" }, "Fields start at the task's defaults; only changed ones are sent.")),
@@ -102,6 +104,41 @@ export function render(root, params) {
     let current = null;
     const inputs = new Map();
     const errors = new Map();
+    let datasetSelect = null;
+    let datasetError = null;
+
+    // A task on an uploaded dataset (custom_resnet18): choose one of the ready uploads.
+    async function buildDataset() {
+      datasetSelect = null;
+      fill(datasetBox);
+      if (!current.needsDataset) return;
+      datasetError = h("div", { class: "field-error", id: "err-dataset", role: "alert" });
+      datasetSelect = h("select", { id: "train-dataset", name: "dataset" });
+      fill(
+        datasetBox,
+        h(
+          "div",
+          { class: "field" },
+          h("label", { for: "train-dataset" }, "dataset"),
+          datasetSelect,
+          h("small", { class: "hint" }, "An uploaded dataset that is ready (POST /datasets; see the README)."),
+          datasetError,
+        ),
+      );
+      try {
+        const page = await api("/datasets");
+        const ready = (page.data || []).filter((d) => !d.builtin && d.status === "ready");
+        fill(
+          datasetSelect,
+          ready.length
+            ? ready.map((d) => h("option", { value: d.id }, `${d.name || d.id} (${(d.classes || []).length} classes)`))
+            : h("option", { value: "" }, "no ready uploaded dataset: upload one first"),
+        );
+        if (params.dataset && ready.some((d) => d.id === params.dataset)) datasetSelect.value = params.dataset;
+      } catch (error) {
+        datasetError.textContent = error.message || String(error);
+      }
+    }
 
     function build() {
       current = forms.find((f) => f.task === select.value);
@@ -109,12 +146,14 @@ export function render(root, params) {
       inputs.clear();
       errors.clear();
       fill(formError);
+      buildDataset();
       fill(
         fieldsBox,
         current.fields.map((f) => {
           const id = `hp-${f.name}`;
-          const input = f.enum
-            ? h("select", { id, name: f.name }, f.enum.map((v) => h("option", { value: String(v) }, String(v))))
+          const choices = f.enum || (f.type === "boolean" ? [true, false] : null);
+          const input = choices
+            ? h("select", { id, name: f.name }, choices.map((v) => h("option", { value: String(v) }, String(v))))
             : h("input", {
                 id,
                 name: f.name,
@@ -157,6 +196,8 @@ export function render(root, params) {
           if (name !== undefined && errors.has(String(name))) {
             errors.get(String(name)).textContent = item.msg;
             inputs.get(String(name)).classList.add("invalid");
+          } else if (datasetError && loc.includes("dataset")) {
+            datasetError.textContent = item.msg;
           } else general.push(formatDetail([item]));
         }
       } else general.push(error.message || String(error));
@@ -174,7 +215,10 @@ export function render(root, params) {
       fill(formError);
       submit.disabled = true;
       try {
-        const job = await api("/jobs", { method: "POST", json: { task: current.task, hyperparameters: hyperparameters() } });
+        const body = { task: current.task, hyperparameters: hyperparameters() };
+        if (datasetSelect) body.dataset = datasetSelect.value;
+        if (datasetError) datasetError.textContent = "";
+        const job = await api("/jobs", { method: "POST", json: body });
         location.hash = `#/jobs/${job.id}`;
       } catch (error) {
         showErrors(error);
