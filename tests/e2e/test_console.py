@@ -307,3 +307,26 @@ def test_job_page_resumes_its_event_stream_after_the_api_restarts(
         watched.check()
     finally:
         watched.close()
+
+
+def test_custom_task_form_asks_for_an_uploaded_dataset(browser, make_stack, start_api, tmp_path):
+    """custom_resnet18 trains on an uploaded dataset: the form offers the ready uploads (none yet
+    here, and it says so), shows the API's 422 beside the field, and its booleans are selects."""
+    from playwright.sync_api import expect
+
+    api = start_api(make_stack())
+    watched = Watched(browser, api.url, tmp_path / "screenshots")
+    watched.allowed.append(re.compile(r"status of 422"))
+    try:
+        page = watched.page
+        page.goto(f"{api.url}/ui/#/train")
+        page.select_option("#train-task", "custom_resnet18")
+        page.wait_for_selector("#train-dataset")
+        expect(page.locator("#train-dataset")).to_contain_text("no ready uploaded dataset")
+        assert page.eval_on_selector("#hp-augment", "e => e.tagName") == "SELECT"
+        page.click("#submit-job")
+        expect(page.locator("#err-dataset")).to_contain_text("pattern")
+        watched.shot("custom-form")
+        watched.check()
+    finally:
+        watched.close()
