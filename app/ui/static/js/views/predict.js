@@ -68,7 +68,13 @@ export function render(root, params) {
     if (stopped) return;
     fill(
       target,
-      h("optgroup", { label: "newest model of a task" }, taskNames.map((t) => h("option", { value: `task:${t}` }, `${t} (newest)`))),
+      // by task: its `production` model when that alias is set, else its newest (as /predict does);
+      // models of uploaded datasets are chosen below, by model
+      h(
+        "optgroup",
+        { label: "by task: its production model, else the newest" },
+        taskNames.filter((t) => t !== "custom_resnet18").map((t) => h("option", { value: `task:${t}` }, `${t} (production, else newest)`)),
+      ),
       models.length ? h("optgroup", { label: "a specific model" }, models.map((m) => h("option", { value: `model:${m.id}` }, `${m.id}${m.aliases?.length ? ` [${m.aliases.join(", ")}]` : ""}`))) : null,
     );
     if (params.model) target.value = `model:${params.model}`;
