@@ -87,13 +87,29 @@ def test_head_answers_every_get_route_like_get_without_body(make_stack):
             if "get" in operations
         ]
         assert len(paths) >= 7
-        for path in [*paths, "/docs", "/openapi.json", "/static-docs/swagger-ui.css"]:
+        streams = [p for p in paths if p.endswith("/events")]  # a queued job's stream never ends
+        assert streams
+        for path in streams:  # HEAD answers at once: the stream's headers, no body
+            head = client.head(path)
+            assert head.status_code == 200 and head.content == b"", path
+            assert head.headers["content-type"].startswith("text/event-stream"), path
+        answered = 0
+        for path in [p for p in paths if p not in streams] + [
+            "/docs",
+            "/openapi.json",
+            "/static-docs/swagger-ui.css",
+        ]:
             get, head = client.get(path), client.head(path)
-            assert get.status_code == head.status_code == 200, (path, head.status_code)
+            # a path with a placeholder left ({name}), or a figure this checkpoint has no data
+            # for, answers 404 or 422, the same to HEAD as to GET
+            assert get.status_code == head.status_code, (path, get.status_code, head.status_code)
+            answered += get.status_code == 200
+            assert get.status_code == 200 or "{" in path or path.endswith(".png"), (path, get.status_code)
             assert head.content == b"", path
             assert head.headers["content-type"] == get.headers["content-type"], path
             if path != "/metrics":  # the counters move between the two calls
                 assert head.headers["content-length"] == get.headers["content-length"], path
+        assert answered >= 10
         assert client.head("/jobs/" + "0" * 32).status_code == 404
         assert client.head("/jobs", headers={"Authorization": "Bearer nope"}).status_code == 401
 
