@@ -76,6 +76,18 @@ def _no_nulls_in_form(form: dict[str, Any]) -> None:
             form["properties"][name] = {**others[0], **rest}
 
 
+def _no_null_headers(operation: dict[str, Any]) -> None:
+    """A header is text or absent, never null: an optional header's ``anyOf [X, null]`` becomes X
+    (a client reading the spec would otherwise send the text "null")."""
+    for parameter in operation.get("parameters", []):
+        schema = parameter.get("schema", {})
+        variants = schema.get("anyOf", [])
+        others = [v for v in variants if v != {"type": "null"}]
+        if parameter.get("in") == "header" and len(others) == 1 and len(variants) == 2:
+            rest = {k: v for k, v in schema.items() if k != "anyOf"}
+            parameter["schema"] = {**others[0], **rest}
+
+
 def _empty_means_absent(form: dict[str, Any]) -> None:
     """An optional text field sent empty counts as absent (FastAPI's rule for forms), so its
     pattern admits the empty string. Its example is empty too: Swagger UI would otherwise fill it
@@ -102,6 +114,7 @@ def complete_openapi(schema: dict[str, Any], auth: bool = True) -> dict[str, Any
     for path, operations in schema.get("paths", {}).items():
         for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
+            _no_null_headers(operation)
             if not auth:
                 operation.pop("security", None)
                 responses.pop("401", None)
@@ -126,12 +139,18 @@ def complete_openapi(schema: dict[str, Any], auth: bool = True) -> dict[str, Any
             if fields and ref:
                 form = components[ref.rsplit("/", 1)[-1]]
                 present = [f for f in fields if f in form.get("properties", {})]
-                form["anyOf"] = [{"required": [f], "properties": {f: {"type": "string"}}} for f in present]
+                # an empty field counts as absent, so "given" means non-empty
+                form["anyOf"] = [
+                    {"required": [f], "properties": {f: {"type": "string", "minLength": 1}}} for f in present
+                ]
                 form["description"] = f"The image, and at least one of: {', '.join(present)}."
             exclusive = EXCLUSIVE_FIELDS.get(path)
             if exclusive and ref:
                 form = components[ref.rsplit("/", 1)[-1]]
-                form["not"] = {"required": list(exclusive)}
+                form["not"] = {
+                    "required": list(exclusive),
+                    "properties": {name: {"minLength": 1} for name in exclusive},
+                }
                 form["description"] = form.get("description", "") + f" Not both {' and '.join(exclusive)}."
     return schema
 

@@ -20,7 +20,7 @@ from core.datasets import DATASET_ID_PATTERN
 from core.images import DecodeLimits, ImageRejected, InvertChoice, NormalizeChoice, load_image, open_image
 from models_store.aliases import ALIAS_PATTERN
 from models_store.checkpoint import MODEL_ID_PATTERN
-from tasks import TaskName, get_task
+from tasks import TaskName
 from tasks.base import Preset
 
 router = APIRouter(tags=["predict"], route_class=FileFormRoute)
@@ -127,11 +127,7 @@ async def predict_image(
     _check_form_fields(await request.form())
     if not task and not model_id and not dataset:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "give either task, dataset or model_id")
-    if dataset and task and not get_task(task).uploaded_dataset:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"task {task} trains on its built-in dataset, not on an uploaded one: leave out task or dataset",
-        )
+
     data = await file.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         raise HTTPException(
