@@ -59,7 +59,9 @@ def _contribution(raw: dict[str, str]) -> _Contribution:
         item.epoch_durations = [float(m["duration_s"]) for m in metrics if isinstance(m, dict)]
         if item.status == JobStatus.running:
             progress = json.loads(raw.get("progress") or "{}")
-            if progress.get("stage") == "training":
+            # an epoch shorter than the progress interval is only reported as it ends (evaluating),
+            # with that epoch's throughput
+            if progress.get("stage") in ("training", "evaluating"):
                 item.images_per_s = float(progress.get("images_per_s") or 0.0)
     except (
         ValueError,
