@@ -53,7 +53,16 @@ def no_traceback(result: subprocess.CompletedProcess) -> None:
 def test_train_follow_prints_accuracy_and_predict_prints_one_line_per_file(cli_stack, tmp_path):
     _, api = cli_stack
     result = imgclf(
-        api.url, "train", "mnist_lenet5", "--set", "epochs=1", "--set", "max_train_samples=1000", "--follow"
+        api.url,
+        "train",
+        "mnist_lenet5",
+        "--set",
+        "epochs=1",
+        "--set",
+        "max_train_samples=1000",
+        "--set",
+        "batch_size=1",  # an epoch of 1,000 steps: long enough for progress events on a fast machine
+        "--follow",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = re.search(r"job ([0-9a-f]{32}) queued", result.stdout).group(1)
