@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 PAGE = 100
 BLOCK_MS = 5_000
 FEED_KEPT = 500
+WAKE_GROUP = 16
 
 
 def async_redis_client(url: str, timeout_s: float) -> aioredis.Redis:
@@ -50,8 +51,10 @@ def _key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _event(entry_id: str, fields: dict[str, str]) -> ServerSentEvent:
-    return ServerSentEvent(data=fields.get("data", "null"), event=fields.get("type", "message"), id=entry_id)
+def _encode(entry_id: str, fields: dict[str, str]) -> bytes:
+    """One stream entry as an encoded SSE message (``event``, ``id``, ``data`` lines)."""
+    event = ServerSentEvent(data=fields.get("data", "null"), event=fields.get("type", "message"), id=entry_id)
+    return event.encode()
 
 
 def _is_final(fields: dict[str, str]) -> bool:
@@ -76,24 +79,44 @@ class _Feed:
         self.ids: list[str] = []
         self.keys: list[tuple[int, int]] = []
         self.fields: list[dict[str, str]] = []
+        self.encoded: list[bytes] = []  # each entry encoded once, sent as is to every client
         self.floor = _key(start_id)
         self.last = start_id
         self.done = False
         self.subscribers = 0
-        self.changed = asyncio.Event()
+        self.waiters: list[asyncio.Future[None]] = []
         self.task = asyncio.create_task(self._read())
 
-    def after(self, cursor: tuple[int, int]) -> list[tuple[str, dict[str, str]]] | None:
-        """The entries after ``cursor`` (at most ``PAGE``), or None if the feed does not hold
-        them all (the cursor is older than its window)."""
+    def after(self, cursor: tuple[int, int]) -> list[tuple[str, dict[str, str], bytes]] | None:
+        """The entries after ``cursor`` (at most ``PAGE``) as (id, fields, encoded SSE message),
+        or None if the feed does not hold them all (the cursor is older than its window)."""
         if cursor < self.floor:
             return None
         start = bisect.bisect_right(self.keys, cursor)
-        return list(zip(self.ids[start : start + PAGE], self.fields[start : start + PAGE], strict=True))
+        end = start + PAGE
+        return list(zip(self.ids[start:end], self.fields[start:end], self.encoded[start:end], strict=True))
 
-    def _wake(self) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
+    async def wait(self) -> None:
+        """Until the feed has read more entries or is done."""
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        await waiter
+
+    async def _wake_in_groups(self) -> None:
+        # WAKE_GROUP waiters per loop iteration: a request that arrives while 200 clients are
+        # sent an event waits for one group, not for all of them (the p99 of /predict).
+        waiters, self.waiters = self.waiters, []
+        for start in range(0, len(waiters), WAKE_GROUP):
+            for waiter in waiters[start : start + WAKE_GROUP]:
+                if not waiter.done():
+                    waiter.set_result(None)
+            await asyncio.sleep(0)
+
+    def _wake_all(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _read(self) -> None:
         try:
@@ -104,20 +127,22 @@ class _Feed:
                     self.ids.append(entry_id)
                     self.keys.append(_key(entry_id))
                     self.fields.append(fields)
+                    self.encoded.append(_encode(entry_id, fields))
                     self.last = entry_id
                     self.done = self.done or _is_final(fields)
                 if len(self.ids) > 2 * FEED_KEPT:
                     self.floor = self.keys[-FEED_KEPT - 1]
-                    del self.ids[:-FEED_KEPT], self.keys[:-FEED_KEPT], self.fields[:-FEED_KEPT]
+                    for kept in (self.ids, self.keys, self.fields, self.encoded):
+                        del kept[:-FEED_KEPT]
                 if not entries:  # quiet: did the job end (or go) without our seeing it?
                     status = await self.client.hget(self.job_key, "status")
                     self.done = status is None or status in TERMINAL_STATUSES
-                self._wake()
+                await self._wake_in_groups()
         except redis.RedisError as exc:
             log.warning("event feed %s stopped: Redis error %s: %s", self.stream_key, type(exc).__name__, exc)
         finally:
             self.done = True
-            self._wake()
+            self._wake_all()
 
 
 class EventHub:
@@ -145,7 +170,7 @@ class EventHub:
 
 async def job_events(
     client: aioredis.Redis, hub: EventHub, job_key: str, stream_key: str, last_id: str | None
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncIterator[bytes | ServerSentEvent]:
     """The events of one job after ``last_id`` (all of them when None), ending after a final status.
 
     Args:
@@ -155,8 +180,10 @@ async def job_events(
         stream_key: the job's event stream.
         last_id: exclusive start, a stream id ``<ms>-<seq>`` (the client's ``Last-Event-ID``).
 
-    Yields ``ServerSentEvent`` with ``id`` = the stream entry id, ``event`` = progress, epoch or
-    status, ``data`` = the entry's JSON. When Redis fails the stream just ends (logged); an
+    Yields encoded SSE messages (bytes, every event that is ready in one chunk; each entry of the
+    live tail is encoded once per process, not once per client) or a ``ServerSentEvent``, each
+    event with ``id`` = the stream entry id, ``event`` = progress, epoch or status, ``data`` = the
+    entry's JSON. When Redis fails the stream just ends (logged); an
     EventSource then reconnects with its Last-Event-ID.
     """
     try:
@@ -168,20 +195,26 @@ async def job_events(
 
 async def _job_events(
     client: aioredis.Redis, hub: EventHub, job_key: str, stream_key: str, cursor: str
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncIterator[bytes | ServerSentEvent]:
     feed: _Feed | None = None
     try:
         while True:
             entries = feed.after(_key(cursor)) if feed is not None else None
             if entries is None or (not entries and feed.done):
                 # From Redis: the history, a client behind the feed's window, or the job ended.
-                entries = await client.xrange(stream_key, min=f"({cursor}", max="+", count=PAGE)
-            for entry_id, fields in entries:
-                cursor = entry_id
-                yield _event(entry_id, fields)
-                if _is_final(fields):
-                    return
+                page = await client.xrange(stream_key, min=f"({cursor}", max="+", count=PAGE)
+                entries = [(entry_id, fields, _encode(entry_id, fields)) for entry_id, fields in page]
             if entries:
+                # All that is ready goes out as one chunk: one send per wake-up, not per event.
+                chunk, final = [], False
+                for entry_id, fields, encoded in entries:
+                    cursor = entry_id
+                    chunk.append(encoded)
+                    if final := _is_final(fields):
+                        break
+                yield b"".join(chunk)
+                if final:
+                    return
                 continue
             if feed is None or feed.done:
                 status = await client.hget(job_key, "status")
@@ -198,9 +231,8 @@ async def _job_events(
                 feed = hub.join(job_key, stream_key, cursor)
                 continue
             # Caught up with the live tail: wait until the feed has read more.
-            changed = feed.changed
             if not feed.after(_key(cursor)) and not feed.done:
-                await changed.wait()
+                await feed.wait()
     finally:
         if feed is not None:
             hub.leave(feed)

@@ -94,9 +94,10 @@ def test_events_resume_with_last_event_id_equals_one_read(
     job = submit(api.url, "mnist_lenet5", epochs=6)
     events_url = f"{api.url}/jobs/{job['id']}/events"
 
-    # Several clients read it in one go at once: they share the API's live reader of the job.
+    # Several clients read it in one go at once: they share the API's live reader of the job, which
+    # wakes them in groups of WAKE_GROUP (more clients than one group).
     wholes: list[list] = []
-    readers = [threading.Thread(target=lambda: wholes.append(read_events(events_url)[0])) for _ in range(4)]
+    readers = [threading.Thread(target=lambda: wholes.append(read_events(events_url)[0])) for _ in range(20)]
     for reader in readers:
         reader.start()
 
@@ -116,7 +117,7 @@ def test_events_resume_with_last_event_id_equals_one_read(
         assert not reader.is_alive()
     resumed = first + rest
 
-    assert len(wholes) == 4 and all(whole == resumed for whole in wholes)
+    assert len(wholes) == 20 and all(whole == resumed for whole in wholes)
     ids = [event_id for event_id, _, _ in resumed]
     assert len(set(ids)) == len(ids) and ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
 
