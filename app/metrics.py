@@ -14,7 +14,7 @@ REQUEST_SECONDS = Histogram(
     "imgclf_http_request_seconds", "HTTP request latency, seconds.", ["method", "route"]
 )
 PREDICTION_SECONDS = Histogram(
-    "imgclf_prediction_seconds", "Model inference time per image, seconds.", ["task"]
+    "imgclf_prediction_seconds", "Model step per image, waiting for its batch included, seconds.", ["task"]
 )
 
 

@@ -30,7 +30,7 @@ def _matches_any(token: str, keys: list[str]) -> bool:
     return matched
 
 
-def require_api_key(
+async def require_api_key(
     request: Request,
     credentials: HTTPAuthorizationCredentials | None = Security(bearer_scheme),
 ) -> None:

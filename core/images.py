@@ -201,7 +201,6 @@ def load_image(image: Image.Image, info: dict, limits: DecodeLimits = DecodeLimi
     return image
 
 
-_JPEG_MARKER = re.compile(rb"\xff+([^\x00\xff])")  # a marker after optional fill bytes (not 0xFF00)
 _STANDALONE = {0x01, 0xD8, 0xD9, *range(0xD0, 0xD8)}  # TEM, SOI, EOI, RSTn: no length field
 
 
@@ -209,15 +208,22 @@ def count_jpeg_scans(data: bytes) -> int:
     """Number of scans (SOS markers) in a JPEG file, all pictures of an MPO together.
 
     Marker segments are skipped by their length (an EXIF thumbnail's scans are not counted);
-    entropy-coded data is searched for the next marker. Linear in ``len(data)``, no decoding.
+    entropy-coded data is searched for the next marker (0xFF then a byte other than 0x00, the
+    stuffing, or 0xFF, a fill byte), ``bytes.find`` jumping from one 0xFF to the next. Linear in
+    ``len(data)``, no decoding: about 0.1 ms for a 130 kB photo.
     """
     scans = 0
     pos = 0
-    while match := _JPEG_MARKER.search(data, pos):
-        marker, pos = match.group(1)[0], match.end()
-        if marker in _STANDALONE:
+    end = len(data)
+    while (pos := data.find(b"\xff", pos)) >= 0 and pos + 1 < end:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte: the marker comes after
+            pos += 1
             continue
-        if pos + 2 > len(data):
+        pos += 2
+        if marker == 0x00 or marker in _STANDALONE:  # stuffed 0xFF in entropy data, or no length
+            continue
+        if pos + 2 > end:
             break
         if marker == 0xDA:
             scans += 1
@@ -339,6 +345,26 @@ def _srgb() -> ImageCms.ImageCmsProfile:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
+MAX_CACHED_ICC_BYTES = 64 * 1024  # the cache holds profile bytes: 64 of them, at most 4 MiB
+
+
+@lru_cache(maxsize=64)
+def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform:
+    """The lcms transform from an embedded profile (its bytes) to sRGB for ``mode`` images,
+    built once per profile: building it costs about 3 ms, applying it to a 500 x 375 photo 1 ms,
+    and a few profiles (cameras', Adobe RGB) cover most uploads. Built as ``profileToProfile``
+    does (perceptual intent), with lcms's one-pixel cache off so that threads can share it."""
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    return ImageCms.buildTransform(
+        profile,
+        _srgb(),
+        mode,
+        "RGB",
+        renderingIntent=ImageCms.Intent.PERCEPTUAL,
+        flags=ImageCms.Flags.NOCACHE,
+    )
+
+
 _ICC_MODES = {"RGB ": ("RGB", "RGBA"), "GRAY": ("L", "LA"), "CMYK": ("CMYK",)}
 
 
@@ -361,7 +387,8 @@ def _to_srgb(image: Image.Image, info: dict) -> Image.Image:
     alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
     base = image.convert(image.mode[:-1]) if alpha is not None else image
     try:
-        converted = ImageCms.profileToProfile(base, profile, _srgb(), outputMode="RGB")
+        build = _srgb_transform if len(icc) <= MAX_CACHED_ICC_BYTES else _srgb_transform.__wrapped__
+        converted = build(icc, base.mode).apply(base)
     except Exception as exc:  # a profile lcms cannot use
         info["icc"] = f"not convertible ({exc}), ignored"
         return image

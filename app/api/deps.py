@@ -16,27 +16,27 @@ from models_store.checkpoint import CheckpointStore
 from models_store.export import ExportCache
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_jobs(request: Request) -> JobStore:
+async def get_jobs(request: Request) -> JobStore:
     return request.app.state.jobs
 
 
-def get_checkpoints(request: Request) -> CheckpointStore:
+async def get_checkpoints(request: Request) -> CheckpointStore:
     return request.app.state.checkpoints
 
 
-def get_registry(request: Request) -> ModelRegistry:
+async def get_registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def get_celery(request: Request) -> Celery:
+async def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
-def get_datasets(request: Request) -> DatasetStore:
+async def get_datasets(request: Request) -> DatasetStore:
     return request.app.state.datasets
 
 
@@ -48,11 +48,11 @@ CeleryDep = Annotated[Celery, Depends(get_celery)]
 DatasetStoreDep = Annotated[DatasetStore, Depends(get_datasets)]
 
 
-def get_aliases(request: Request) -> AliasStore:
+async def get_aliases(request: Request) -> AliasStore:
     return request.app.state.aliases
 
 
-def get_exports(request: Request) -> ExportCache:
+async def get_exports(request: Request) -> ExportCache:
     return request.app.state.exports
 
 

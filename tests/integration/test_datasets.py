@@ -49,9 +49,8 @@ def wait_dataset(client, dataset_id: str, timeout: float = 120) -> dict:
 def dataset_files(stack) -> list[str]:
     """Files under the datasets folder; os.walk skips folders the worker removes while we look."""
     root = stack.settings().datasets_dir
-    return sorted(
-        os.path.relpath(os.path.join(folder, name), root) for folder, _, names in os.walk(root) for name in names
-    )
+    found = (os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names)
+    return sorted(os.path.relpath(path, root) for path in found)
 
 
 def test_upload_ingest_same_bytes_same_dataset_list_and_delete(make_stack, start_worker, tmp_path):

@@ -93,6 +93,27 @@ def test_micro_batcher_runs_other_models_separately_and_passes_errors_on():
     assert torch.equal(batcher.run(double, torch.zeros(3, dtype=torch.uint8)), torch.zeros(3))  # still alive
 
 
+def test_micro_batcher_skips_requests_cancelled_while_queued_and_keeps_running():
+    gate = threading.Event()
+    seen: list[list[int]] = []
+
+    def backend(pixels: torch.Tensor) -> torch.Tensor:
+        gate.wait(5)
+        seen.append([int(p.flatten()[0]) for p in pixels])
+        return pixels.float().flatten(1)
+
+    batcher = MicroBatcher(max_batch=8)
+    first = batcher.submit(backend, torch.zeros(1, dtype=torch.uint8))  # holds the thread
+    time.sleep(0.1)
+    queued = [batcher.submit(backend, torch.full((1,), i, dtype=torch.uint8)) for i in (1, 2, 3)]
+    assert queued[1].cancel()  # its client went away (asyncio.wrap_future cancels it)
+    gate.set()
+    assert float(first.result(5)[0]) == 0.0
+    assert [float(f.result(5)[0]) for f in (queued[0], queued[2])] == [1.0, 3.0]
+    assert seen == [[0], [1, 3]]  # the cancelled image never reached the model
+    assert float(batcher.run(backend, torch.full((1,), 7, dtype=torch.uint8))[0]) == 7.0  # still alive
+
+
 def test_predict_through_the_batcher_equals_a_direct_forward_pass(tmp_path):
     store = CheckpointStore(tmp_path)
     model_id = make_model_checkpoint(tmp_path, "hymenoptera_resnet18")
