@@ -81,14 +81,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.checkpoints = checkpoints
         app.state.aliases = AliasStore(client, settings.redis_prefix)
         await anyio.to_thread.run_sync(app.state.aliases.refresh)
+        device = inference_device(settings.inference_device)
+        max_batch = settings.inference_max_batch or (32 if device.type == "cuda" else 4)
         app.state.registry = ModelRegistry(
             checkpoints,
             settings.model_cache_size,
             app.state.aliases,
-            device=inference_device(settings.inference_device),
+            device=device,
             backend=settings.inference_backend,
             threads=settings.inference_threads,
-            batcher=MicroBatcher(settings.inference_max_batch, settings.inference_max_wait_ms / 1000),
+            batcher=MicroBatcher(max_batch, settings.inference_max_wait_ms / 1000),
             inline_ms=settings.inference_inline_ms,
         )
         app.state.exports = ExportCache(settings.cache_dir / "exports")

@@ -1,0 +1,119 @@
+"""CPU time per /predict request of one API process: the figure a code-level lever moves.
+
+    .venv/bin/python -m bench.peers --quick                       # first: trains the two checkpoints
+    .venv/bin/python -m bench.api_cpu --model mnist_lenet5 --rounds 3
+    .venv/bin/python -m bench.api_cpu --model hymenoptera_resnet18 --concurrency 32
+
+Starts this API as one uvicorn process (``app.serve --workers 1``, ``INFERENCE_THREADS=1``) on the
+newest checkpoint of ``--model`` in ``var/peers/models`` (the ones ``bench.peers`` trained), sends
+3 s of warm-up and then ``--duration`` seconds of ``/predict`` with ``--concurrency`` keep-alive
+clients (real MNIST test digits as PNG, or the 153 hymenoptera val JPEGs), ``--rounds`` times, each
+round in a fresh process, and prints requests/s, latency and the API process's user + system CPU
+seconds per request (``/proc/<pid>/stat``). Throughput on a shared machine follows the CPU share
+the server gets; CPU per request does not, so compare two commits with this. Extra
+``KEY=VALUE`` arguments are set in the API's environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.load import ROOT, mnist_pngs, predict_load
+from bench.peers.__main__ import hymenoptera_jpegs
+
+MODELS_DIR = ROOT / "var" / "peers" / "models"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=["mnist_lenet5", "hymenoptera_resnet18"], default="mnist_lenet5")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per round")
+    parser.add_argument("--concurrency", type=int, default=8, help="concurrent keep-alive clients")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds, each in a fresh API process")
+    parser.add_argument("--port", type=int, default=8791)
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "datasets"))
+    )
+    parser.add_argument("env", nargs="*", help="KEY=VALUE settings for the API")
+    return parser.parse_args()
+
+
+def newest_checkpoint(task: str) -> str:
+    """The newest ``task`` checkpoint id in ``var/peers/models``. Raises ``SystemExit`` if none."""
+    found = sorted(p.name for p in MODELS_DIR.glob(f"{task}-*") if (p / "metadata.json").is_file())
+    if not found:
+        raise SystemExit(f"no {task} checkpoint in {MODELS_DIR}: run python -m bench.peers --quick first")
+    return found[-1]
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one_round(args: argparse.Namespace, model_id: str, images: list[bytes]) -> dict:
+    """Start the API, warm it up, measure ``--duration`` s of load; the API is stopped after."""
+    env = {
+        **os.environ,
+        "API_KEYS": "",
+        "ENVIRONMENT": "development",
+        "MODELS_DIR": str(MODELS_DIR),
+        "CACHE_DIR": str(ROOT / "var" / "api-cpu" / "cache"),
+        "REDIS_PREFIX": "api-cpu",
+        "WEB_CONCURRENCY": "1",
+        "INFERENCE_THREADS": "1",
+        **dict(item.split("=", 1) for item in args.env),
+    }
+    url = f"http://127.0.0.1:{args.port}"
+    command = [sys.executable, "-m", "app.serve", "--host", "127.0.0.1", "--port", str(args.port),
+               "--workers", "1", "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    api = subprocess.Popen(command, cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        asyncio.run(predict_load(url, model_id, images, 3, args.concurrency))
+        before = process_cpu_s(api.pid)
+        result = asyncio.run(predict_load(url, model_id, images, args.duration, args.concurrency))
+        cpu = process_cpu_s(api.pid) - before
+    finally:
+        api.terminate()
+        api.wait(30)
+    result["cpu_ms_per_request"] = round(1000 * cpu / max(result["requests"], 1), 3)
+    return result
+
+
+def main() -> int:
+    args = parse_args()
+    model_id = newest_checkpoint(args.model)
+    if args.model == "mnist_lenet5":
+        images = mnist_pngs(args.data_dir)
+    else:
+        images = [data for _, data, _ in hymenoptera_jpegs(args.data_dir)]
+    for index in range(args.rounds):
+        r = one_round(args, model_id, images)
+        print(
+            f"round {index + 1}: {args.model} {args.concurrency} clients: {r['requests_per_s']} req/s, "
+            f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, errors {r['errors']}, "
+            f"CPU {r['cpu_ms_per_request']} ms/request"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
