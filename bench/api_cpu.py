@@ -44,15 +44,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--data-dir", type=Path, default=Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "datasets"))
     )
+    parser.add_argument("--models-dir", type=Path, default=MODELS_DIR, help="where the checkpoints are")
     parser.add_argument("env", nargs="*", help="KEY=VALUE settings for the API")
     return parser.parse_args()
 
 
-def newest_checkpoint(task: str) -> str:
-    """The newest ``task`` checkpoint id in ``var/peers/models``. Raises ``SystemExit`` if none."""
-    found = sorted(p.name for p in MODELS_DIR.glob(f"{task}-*") if (p / "metadata.json").is_file())
+def newest_checkpoint(models_dir: Path, task: str) -> str:
+    """The newest ``task`` checkpoint id in ``models_dir``. Raises ``SystemExit`` if none."""
+    found = sorted(p.name for p in models_dir.glob(f"{task}-*") if (p / "metadata.json").is_file())
     if not found:
-        raise SystemExit(f"no {task} checkpoint in {MODELS_DIR}: run python -m bench.peers --quick first")
+        raise SystemExit(f"no {task} checkpoint in {models_dir}: run python -m bench.peers --quick first")
     return found[-1]
 
 
@@ -68,7 +69,7 @@ def one_round(args: argparse.Namespace, model_id: str, images: list[bytes]) -> d
         **os.environ,
         "API_KEYS": "",
         "ENVIRONMENT": "development",
-        "MODELS_DIR": str(MODELS_DIR),
+        "MODELS_DIR": str(args.models_dir),
         "CACHE_DIR": str(ROOT / "var" / "api-cpu" / "cache"),
         "REDIS_PREFIX": "api-cpu",
         "WEB_CONCURRENCY": "1",
@@ -100,7 +101,7 @@ def one_round(args: argparse.Namespace, model_id: str, images: list[bytes]) -> d
 
 def main() -> int:
     args = parse_args()
-    model_id = newest_checkpoint(args.model)
+    model_id = newest_checkpoint(args.models_dir, args.model)
     if args.model == "mnist_lenet5":
         images = mnist_pngs(args.data_dir)
     else:
