@@ -150,6 +150,9 @@ async def predict_image(
     lane = request.app.state.heavy_decode_lane if heavy else request.app.state.inference_slots
     async with lane:  # bounds the memory of decoding; the model step is the batcher's queue
         prepared = await run_in_threadpool(_prepare, registry, settings, image, info, choice)
+    # The opened image now holds the decoded pixels (up to MAX_IMAGE_PIXELS): let them go before
+    # waiting for the model, so that only the slots' images are ever in memory at full size.
+    del image, data
     loaded = prepared.loaded
     if loaded.batcher is not None and loaded.backend is not None and not loaded.light:
         # awaited here, not in a worker thread: requests decode while others' batches run
