@@ -20,10 +20,13 @@ from fastapi import HTTPException
 from fastapi.routing import APIRoute
 from python_multipart.multipart import parse_options_header
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 FILE_FIELDS = frozenset({"file"})
+# nginx's "client closed request": the client is gone, so nobody reads it; the HTTP metrics count it
+# apart from the 400s of malformed bodies
+CLIENT_CLOSED_REQUEST = 499
 _FILENAME_STAR = re.compile(rb"filename\*\s*=\s*(?:[\w!#$%&+^`{}~-]+)?'[^']*'([^;\s]*)", re.IGNORECASE)
 
 
@@ -71,6 +74,10 @@ class FileFieldsRequest(Request):
                             max_part_size=max_part_size,
                         )
                         self._form = await parser.parse()
+                except ClientDisconnect:  # the upload was cut off: nobody will read an answer
+                    raise HTTPException(
+                        CLIENT_CLOSED_REQUEST, "the client closed the connection before the upload ended"
+                    ) from None
                 except MultiPartException as exc:
                     if exc.message.startswith("Part exceeded"):
                         raise HTTPException(

@@ -3,6 +3,7 @@ MNIST framing, and slow uploads that must not delay the others (a real uvicorn p
 
 from __future__ import annotations
 
+import socket
 import statistics
 import threading
 import time
@@ -11,8 +12,9 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import api_client
+from tests.conftest import api_client, wait_for
 from tests.factories import bmp_v5, image_bytes, progressive_scan_bomb
 from tests.factories_models import make_model_checkpoint
 from tests.integration.test_api_inputs import record_loads
@@ -192,3 +194,59 @@ def test_slow_uploads_within_the_limits_do_not_hold_the_inference_slots(make_sta
     assert max(seconds for _, _, seconds, _ in normals) < usual + MARGIN_S, (usual, normals)
     assert time.perf_counter() - started > usual
     assert np.isfinite(usual)
+
+
+def _metric(url: str, name: str, **labels: str) -> float:
+    """A counter's value from the API's /metrics (0 when the series does not exist yet)."""
+    text = httpx.get(f"{url}/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def _send_and_leave(url: str, data: bytes, cut_at: int | None = None) -> None:
+    """POST /predict over a raw socket and close it without reading the answer: after the whole
+    body, or after ``cut_at`` bytes of it."""
+    request = httpx.Request(
+        "POST", f"{url}/predict", files={"file": ("x", data)}, data={"task": "mnist_lenet5"}
+    )
+    body = request.read()
+    head = f"POST /predict HTTP/1.1\r\nHost: {request.url.host}\r\n" + "".join(
+        f"{k}: {v}\r\n" for k, v in request.headers.items() if k.lower() != "host"
+    )
+    with socket.create_connection((request.url.host, request.url.port)) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body[: cut_at if cut_at is not None else len(body)])
+        time.sleep(0.3)  # the server has read it and its request is waiting
+
+
+def test_requests_whose_client_left_are_not_decoded_or_run(make_stack, start_api):
+    """QA: clients that time out and leave made the server decode and classify their uploads
+    anyway. Here a costly upload holds the one heavy-decode lane while five more are sent by
+    clients that leave at once: they are dropped when their turn comes (499 in the metrics),
+    and two more, cut off mid-upload, are counted as 499 too, not as malformed (400)."""
+    stack = make_stack(inference_concurrency=1, max_jpeg_scans=1000, max_decode_cost=10**12)
+    make_model_checkpoint(stack.settings().models_dir)
+    api = start_api(stack)
+    bomb = progressive_scan_bomb(2500, 2500, 883)  # seconds to decode, in the heavy lane
+    with httpx.Client(base_url=api.url, timeout=30) as client:  # the model is loaded
+        assert post(client, image_bytes(Image.new("L", (28, 28)), "PNG")).status_code == 200
+    before = _metric(api.url, "imgclf_prediction_seconds_count", task="mnist_lenet5")
+    results: list = []
+    first = threading.Thread(target=_timed_post, args=(api.url, bomb, results, "kept"))
+    first.start()
+    time.sleep(0.5)
+    for _ in range(5):
+        _send_and_leave(api.url, bomb)
+    for _ in range(2):
+        _send_and_leave(api.url, bomb, cut_at=len(bomb) // 2)
+    first.join(300)
+    assert [status for _, status, _, _ in results] == [200]
+    wait_for(
+        lambda: _metric(api.url, "imgclf_http_requests_total", route="/predict", status="499") == 7,
+        timeout=60,
+        what="the seven abandoned requests to be dropped",
+    )
+    assert _metric(api.url, "imgclf_prediction_seconds_count", task="mnist_lenet5") == before + 1
+    assert _metric(api.url, "imgclf_http_requests_total", route="/predict", status="400") == 0

@@ -207,6 +207,7 @@ def cancel_job(job_id: JobId, jobs: JobStoreDep) -> JobRecord:
 
 EVENTS_PING_S = 15
 EVENTS_SEND_TIMEOUT_S = 30
+MAX_STREAM_ID_PART = 2**64 - 1  # a Redis stream id is <ms>-<seq>, two unsigned 64-bit numbers
 
 
 @router.get(
@@ -245,6 +246,12 @@ async def job_events_stream(
     A finished job replays its whole history and the stream closes; a reconnecting client gets
     exactly the events after the last one it saw.
     """
+    if last_event_id and any(int(part) > MAX_STREAM_ID_PART for part in last_event_id.strip().split("-")):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"Last-Event-ID {last_event_id.strip()!r} is not an event id: both parts must be at most "
+            f"{MAX_STREAM_ID_PART} (Redis stream ids are two 64-bit numbers)",
+        )
     store = request.app.state.jobs
     client = request.app.state.redis_async
     if not await client.exists(store.job_key(job_id)):

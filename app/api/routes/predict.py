@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
 from app.api.deps import RegistryDep, SettingsDep
-from app.forms import FileFormRoute
+from app.forms import CLIENT_CLOSED_REQUEST, FileFormRoute
 from app.inference import LoadedModel, ModelRegistry, infer, postprocess, preprocess
 from app.metrics import PREDICTION_SECONDS
 from app.schemas import ClassProbability, PredictionPublic, error_responses
@@ -125,7 +125,9 @@ async def predict_image(
     Decoding and inference run in worker threads, at most INFERENCE_CONCURRENCY at a time (first
     come, first served), so a burst of requests queues instead of thrashing the CPU. The header is
     read first (no slot held): uploads costing more than HEAVY_DECODE_COST to decode wait for a lane
-    of their own, one at a time, so they never hold the slots that small images use.
+    of their own, one at a time, so they never hold the slots that small images use. A client
+    that disconnects while its request waits for a slot or for the model is dropped there (499
+    in the metrics), so clients that time out and retry do not multiply the work.
     """
     _check_form_fields(await request.form())
     if not task and not model_id and not dataset:
@@ -149,11 +151,15 @@ async def predict_image(
     heavy = info["cost"] > settings.heavy_decode_cost
     lane = request.app.state.heavy_decode_lane if heavy else request.app.state.inference_slots
     async with lane:  # bounds the memory of decoding; the model step is the batcher's queue
+        if await request.is_disconnected():  # it left while waiting: skip its decoding
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         prepared = await run_in_threadpool(_prepare, registry, settings, image, info, choice)
     # The opened image now holds the decoded pixels (up to MAX_IMAGE_PIXELS): let them go before
     # waiting for the model, so that only the slots' images are ever in memory at full size.
     del image, data
     loaded = prepared.loaded
+    if await request.is_disconnected():  # and its place in the model's queue
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     if loaded.batcher is not None and loaded.backend is not None and not loaded.light:
         # awaited here, not in a worker thread: requests decode while others' batches run
         probabilities = await asyncio.wrap_future(loaded.batcher.submit(loaded.backend, prepared.pixels))
