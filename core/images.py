@@ -121,7 +121,7 @@ def open_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> tuple[Imag
             415, f"the uploaded file is not an image in an accepted format ({ALLOWED_NAMES})"
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected(413, f"the image has more than {limits.max_pixels} pixels: {exc}") from None
+        raise ImageRejected(413, _too_many_pixels(exc, limits.max_pixels)) from None
     except Exception as exc:
         raise ImageRejected(422, f"the uploaded image is corrupt: {exc}") from None
     width, height = image.size
@@ -179,7 +179,7 @@ def load_image(image: Image.Image, info: dict, limits: DecodeLimits = DecodeLimi
         image.seek(0)
         image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected(413, f"the image has too many pixels: {exc}") from None
+        raise ImageRejected(413, _too_many_pixels(exc, limits.max_pixels)) from None
     except OSError as exc:
         if re.search(r"decoder \S+ not available", str(exc)):
             raise ImageRejected(415, f"this server cannot decode this {image.format} image: {exc}") from None
@@ -202,6 +202,14 @@ def load_image(image: Image.Image, info: dict, limits: DecodeLimits = DecodeLimi
 
 
 _STANDALONE = {0x01, 0xD8, 0xD9, *range(0xD0, 0xD8)}  # TEM, SOI, EOI, RSTn: no length field
+
+
+def _too_many_pixels(exc: Exception, max_pixels: int) -> str:
+    """The 413 message for Pillow's decompression-bomb check, in this service's limit (Pillow's
+    own text names its error threshold, twice MAX_IMAGE_PIXELS)."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{found.group(1)} pixels" if found else "more pixels than that"
+    return f"the image has {size}, over the limit of {max_pixels} (MAX_IMAGE_PIXELS)"
 
 
 def count_jpeg_scans(data: bytes) -> int:

@@ -488,3 +488,14 @@ def test_dataset_images_are_decoded_by_the_same_rules(tmp_path):
     assert np.array_equal(zero, opaque) and zero.max() == 255
     with pytest.raises(DatasetCorrupt, match="accepted format"):
         _decode_chunk(source, [str(tmp_path / "page.eps")], preset)
+
+
+def test_a_decompression_bomb_is_refused_in_the_services_own_limit():
+    """QA: the 413 named Pillow's threshold (twice the limit) beside the service's own."""
+    with pytest.raises(ImageRejected) as refused:
+        open_image(png_header_only(100_000, 100_000), DecodeLimits(max_pixels=40_000_000))
+    assert refused.value.status_code == 413
+    assert (
+        str(refused.value)
+        == "the image has 10000000000 pixels, over the limit of 40000000 (MAX_IMAGE_PIXELS)"
+    )
