@@ -193,6 +193,13 @@ def test_console_trains_and_predicts_on_real_mnist(
         card = page.wait_for_selector(".prediction[data-label]")
         assert card.get_attribute("data-label") == label
         assert page.locator(".prediction .bars li").count() == 5
+        # A file that is no image: the API's 415 beside a plain box, not a broken-image icon (QA).
+        watched.allowed.append(re.compile(r"status of 415"))
+        drop_file(page, "#drop", b"just some notes", "notes.txt")
+        refused = page.wait_for_selector(".prediction[data-error='415']")
+        assert "not an image in an accepted format" in refused.text_content()
+        refused.wait_for_selector(".no-preview")
+        assert refused.query_selector("img") is None
         watched.shot("06-predict")
         watched.check()
     finally:

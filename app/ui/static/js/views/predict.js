@@ -86,7 +86,10 @@ export function render(root, params) {
     const url = URL.createObjectURL(file);
     urls.push(url);
     const output = h("div", { class: "prediction-output" }, h("p", { class: "muted" }, "classifying…"));
-    const card = h("div", { class: "card prediction" }, h("img", { src: url, alt: file.name, class: "preview" }), h("div", {}, h("div", { class: "file-name mono" }, file.name), output));
+    // A file the browser cannot show (not an image, or a TIFF) gets a plain box, not a broken icon.
+    const noPreview = (event) => event.target.replaceWith(h("div", { class: "preview no-preview muted small" }, "no preview"));
+    const preview = h("img", { src: url, alt: file.name, class: "preview", onerror: noPreview });
+    const card = h("div", { class: "card prediction" }, preview, h("div", {}, h("div", { class: "file-name mono" }, file.name), output));
     results.prepend(card);
     if (!target.value) {
       fill(output, errorBox(new Error("no model to use yet: choose a task or a model above")));
