@@ -19,6 +19,7 @@ the network itself changes hands.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import logging
 import queue
@@ -27,6 +28,7 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -109,6 +111,24 @@ class OnnxBackend:
         batch /= self.std
         (logits,) = self.session.run(None, {"input": batch})
         return torch.softmax(torch.from_numpy(logits).float(), dim=1)
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the memory that large decodes freed back to the OS (glibc's ``malloc_trim(0)``; a
+    no-op elsewhere). glibc keeps freed blocks of its per-thread arenas for reuse, so after a few
+    6000 x 6000 uploads an API process stayed 1-3 GB larger for good; trimmed, it returns to its
+    size before them. Takes milliseconds: called after costly decodes only."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def build_backend(

@@ -18,6 +18,7 @@ from app.forms import CLIENT_CLOSED_REQUEST, FileFormRoute
 from app.inference import LoadedModel, ModelRegistry, infer, postprocess, preprocess
 from app.metrics import PREDICTION_SECONDS
 from app.schemas import ClassProbability, PredictionPublic, error_responses
+from app.serving import release_freed_memory
 from core.config import Settings
 from core.datasets import DATASET_ID_PATTERN
 from core.images import DecodeLimits, ImageRejected, InvertChoice, NormalizeChoice, load_image, open_image
@@ -157,6 +158,8 @@ async def predict_image(
     # The opened image now holds the decoded pixels (up to MAX_IMAGE_PIXELS): let them go before
     # waiting for the model, so that only the slots' images are ever in memory at full size.
     del image, data
+    if heavy:
+        await run_in_threadpool(release_freed_memory)
     loaded = prepared.loaded
     if await request.is_disconnected():  # and its place in the model's queue
         return Response(status_code=CLIENT_CLOSED_REQUEST)
