@@ -104,7 +104,9 @@ def test_every_response_matches_the_spec(make_stack, start_api, keys):
             return st.just(body)
         with_image = images.map(lambda image: {**body, "file": image})
         if now["mode"] != GenerationMode.POSITIVE:
-            return with_image
+            # a file made invalid on purpose (null, a number) stays so: replaced by an image, the
+            # request would be valid and its 200 a false "schema-violating request accepted"
+            return with_image if isinstance(body["file"], (str, bytes)) else st.just(body)
         rest = {k: v for k, v in body.items() if k not in ("task", "model_id", "alias", "dataset")}
         return st.one_of(
             with_image,
@@ -117,12 +119,18 @@ def test_every_response_matches_the_spec(make_stack, start_api, keys):
         """Unknown query parameters are ignored, as HTTP servers do (cache busters and the like);
         the spec does not forbid them, so a negative case made only of one proves nothing."""
         declared = {parameter.name for parameter in context.operation.query}
+        if query and any(isinstance(value, list) and len(value) == 1 for value in query.values()):
+            return False  # a one-item array is sent as its item (?offset=0.0): no invalid request
         return not query or set(query) <= declared
 
     @schema.hook
     def filter_body(context, body):
         """A job's batch_size must not exceed its max_train_samples: a rule across two fields that
         JSON Schema cannot state (the field descriptions do); such bodies get a 422 naming both."""
+        if context.operation.path == "/predict" and isinstance(body, dict):
+            # an empty form field counts as absent (documented: Swagger UI sends its empty fields),
+            # so a negative case whose only fault is an empty value is a valid request
+            return now["mode"] == GenerationMode.POSITIVE or all(value != "" for value in body.values())
         if context.operation.path != "/jobs" or not isinstance(body, dict):
             return True
         try:
@@ -147,6 +155,7 @@ def test_every_response_matches_the_spec(make_stack, start_api, keys):
                 phases=[Phase.generate],
                 suppress_health_check=list(HealthCheck),
                 database=None,
+                derandomize=True,  # the same cases on every run: CI's verdict does not depend on luck
             )
             def check(case):
                 response = case.call_and_validate(base_url=api.url, headers=headers)
