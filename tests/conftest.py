@@ -302,6 +302,21 @@ class ApiProcess(ChildProcess):
             time.sleep(0.1)
 
 
+@contextmanager
+def served_stack(root: Path, redis_url: str, data_dir: Path) -> Iterator[tuple[Stack, ApiProcess]]:
+    """A stack under ``root`` with a real worker and a real uvicorn API (streaming needs a
+    server), stopped and its Redis keys deleted on exit: yields (stack, api)."""
+    stack = Stack(root, redis_url, data_dir=data_dir)
+    worker = WorkerProcess(stack).start()
+    api = ApiProcess(stack).start()
+    try:
+        yield stack, api
+    finally:
+        api.stop()
+        worker.stop()
+        stack.cleanup_redis()
+
+
 @pytest.fixture
 def start_api() -> Iterator[Callable[..., ApiProcess]]:
     apis: list[ApiProcess] = []

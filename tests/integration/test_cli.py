@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, ApiProcess, Stack, WorkerProcess, wait_for
+from tests.conftest import REPO, ApiProcess, Stack, served_stack, wait_for
 from tests.factories import digit_image
 
 pytestmark = pytest.mark.integration
@@ -24,13 +24,8 @@ FOLLOWED_JOB = ["--set", "epochs=4", "--set", "max_train_samples=600"]
 
 @pytest.fixture(scope="module")
 def cli_stack(tmp_path_factory, redis_url, synthetic_data_dir):
-    stack = Stack(tmp_path_factory.mktemp("cli"), redis_url, data_dir=synthetic_data_dir)
-    worker = WorkerProcess(stack).start()
-    api = ApiProcess(stack).start()
-    yield stack, api
-    api.stop()
-    worker.stop()
-    stack.cleanup_redis()
+    with served_stack(tmp_path_factory.mktemp("cli"), redis_url, synthetic_data_dir) as served:
+        yield served
 
 
 def imgclf(url: str, *args: str, **env: str) -> subprocess.CompletedProcess:

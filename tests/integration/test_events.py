@@ -16,21 +16,21 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, ApiProcess, Stack, WorkerProcess, api_client, free_port, wait_for
+from tests.conftest import (
+    REPO,
+    api_client,
+    free_port,
+    served_stack,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, redis_url, synthetic_data_dir):
-    """One stack for the module: a real worker and a real uvicorn API (streaming needs a server)."""
-    stack = Stack(tmp_path_factory.mktemp("events"), redis_url, data_dir=synthetic_data_dir)
-    worker = WorkerProcess(stack).start()
-    api = ApiProcess(stack).start()
-    yield stack, api
-    api.stop()
-    worker.stop()
-    stack.cleanup_redis()
+    with served_stack(tmp_path_factory.mktemp("events"), redis_url, synthetic_data_dir) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
