@@ -67,6 +67,20 @@ class Client:
         kwargs = {"json": body} if body is not None else {}
         return self.check(self.http.post(path, **kwargs)).json()
 
+    def delete(self, path: str) -> None:
+        self.check(self.http.delete(path))
+
+    def upload_dataset(self, path: Path, name: str | None = None) -> tuple[dict[str, Any], bool]:
+        """POST /datasets with the archive at ``path``, streamed from disk (httpx reads a file
+        object in 64 KiB chunks and sends its size as Content-Length), and ``name`` if given.
+        Returns the dataset record and whether it is new (202) rather than the same bytes
+        uploaded before (200)."""
+        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        form = {"name": name} if name is not None else {}
+        with path.open("rb") as file:
+            response = self.http.post("/datasets", files={"file": (path.name, file, content_type)}, data=form)
+        return self.check(response).json(), response.status_code == 202
+
     def predict(self, path: Path, form: dict[str, str]) -> dict[str, Any]:
         """POST /predict with the file at ``path`` and ``form`` fields (task or model_id, top_k)."""
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"

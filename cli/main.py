@@ -3,6 +3,8 @@
     imgclf train mnist_lenet5 --set epochs=1 --follow
     imgclf jobs ls | jobs show ID [--follow] | jobs cancel ID
     imgclf models ls | models show ID
+    imgclf datasets upload photos.zip [--name NAME] [--wait] | datasets ls | datasets show ID | datasets rm ID
+    imgclf train custom_resnet18 --dataset ID --follow
     imgclf predict digit.png photo.jpg --task mnist_lenet5 --top-k 3
 
 The API is ``IMGCLF_URL`` (default http://127.0.0.1:8000) and the key, when the server has
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,9 +28,14 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.client import FINAL_STATUSES, ApiError, Client, eval_accuracy
+from cli.datasets import INGESTING, wait_dataset
 from cli.follow import follow_job
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+# The API's default `top_k` (the form field of POST /predict in app/api/routes/predict.py); not
+# imported from there, since that module imports torch. tests/unit/test_cli_args.py checks they agree.
+DEFAULT_TOP_K = 5
+SKIPPED_SHOWN = 20  # skipped files `datasets show` lists unless told otherwise
 
 app = typer.Typer(
     help="Train and use the image classifiers of an imgclf service.",
@@ -36,8 +45,13 @@ app = typer.Typer(
 )
 jobs_app = typer.Typer(help="Training jobs: list, show, cancel.", no_args_is_help=True)
 models_app = typer.Typer(help="Trained models (checkpoints): list, show.", no_args_is_help=True)
+datasets_app = typer.Typer(
+    help="Datasets: upload your own photos (an archive of class folders), list, show, remove.",
+    no_args_is_help=True,
+)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(models_app, name="models")
+app.add_typer(datasets_app, name="datasets")
 
 # Piped output is not squeezed to 80 columns (job and model ids are long); COLUMNS still wins.
 PIPE_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
@@ -69,12 +83,14 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def run(call):
-    """Run ``call()``; an API or connection error is printed plainly and exits 1."""
+def run(call, hint: Callable[[ApiError], str | None] | None = None):
+    """Run ``call()``; an API or connection error is printed plainly and exits 1. ``hint(error)``
+    may add a line of advice under an API error."""
     try:
         return call()
     except ApiError as exc:
-        raise fail(f"error: {exc}") from None
+        advice = hint(exc) if hint else None
+        raise fail(f"error: {exc}" + (f"\n{advice}" if advice else "")) from None
     except httpx.HTTPError as exc:
         raise fail(f"error: cannot reach the API at {_url(exc)}: {exc}") from None
 
@@ -323,6 +339,195 @@ def models_show(ctx: typer.Context, model_id: Annotated[str, typer.Argument(help
         out.print(table)
 
 
+def split_counts(images: dict[str, int] | None) -> str:
+    """``{"train": 20, "val": 5}`` → ``20 train / 5 val``; ``—`` when there are none."""
+    return " / ".join(f"{n:,} {split}" for split, n in (images or {}).items()) or "—"
+
+
+def class_counts_table(record: dict[str, Any]) -> Table:
+    """Images per class (rows) and split (columns)."""
+    counts: dict[str, dict[str, int]] = record.get("counts") or {}
+    table = Table(title="Images per class", title_justify="left")
+    table.add_column("class")
+    for split in counts:
+        table.add_column(split, justify="right")
+    for cls in record.get("classes") or []:
+        table.add_row(cls, *(str(counts[split].get(cls, 0)) for split in counts))
+    return table
+
+
+def dataset_summary(record: dict[str, Any]) -> None:
+    """How an ingestion ended: classes, images per split and class, skipped files; exit 1 if failed."""
+    if record["status"] == "failed":
+        raise fail(f"dataset {record['id']} failed: {record.get('error') or 'no reason given'}")
+    skipped = record.get("skipped_count", 0)
+    out.print(
+        f"dataset {record['id']} {record['status']}: {len(record.get('classes') or [])} classes, "
+        f"{split_counts(record.get('images'))} images, {skipped} {'file' if skipped == 1 else 'files'} "
+        "skipped" + (f" (imgclf datasets show {record['id']} lists them)" if skipped else ""),
+        markup=False,
+        soft_wrap=True,
+    )
+    if record.get("counts"):
+        out.print(class_counts_table(record))
+    leaked = (record.get("duplicates") or {}).get("train_val")
+    if leaked:
+        err.print(f"warning: {leaked} val images are also in train (exact duplicates)", markup=False)
+
+
+@datasets_app.command("upload")
+def datasets_upload(
+    ctx: typer.Context,
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A .zip, .tar, .tar.gz or .tgz of <class>/<images> (or train/<class>/ and val/<class>/).",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+        ),
+    ],
+    name: Annotated[
+        str | None, typer.Option(help="Name to list it by (default: the file's name).", show_default=False)
+    ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            "-w",
+            help="Wait until it is ready (classes, counts) or failed (exit 1 with the reason).",
+        ),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only the dataset id (for scripts).")
+    ] = False,
+) -> None:
+    """Upload an archive of photos sorted into class folders; prints the dataset id to train on."""
+    client = _client(ctx)
+    record, created = run(lambda: client.upload_dataset(path, name))
+    if quiet:
+        if wait and record["status"] == INGESTING:
+            record = run(lambda: wait_dataset(client, record["id"], None))
+        if record["status"] == "failed" and (wait or not created):
+            raise fail(f"dataset {record['id']} failed: {record.get('error') or 'no reason given'}")
+        out.print(record["id"], markup=False)
+        return
+    again = "" if created else ", uploaded before"
+    out.print(f"dataset {record['id']} {record['status']} ({record['name']}{again})", markup=False)
+    if wait:
+        if record["status"] == INGESTING:
+            record = run(lambda: wait_dataset(client, record["id"], out))
+        dataset_summary(record)
+    elif record["status"] == INGESTING:
+        out.print(f"follow it with: imgclf datasets show {record['id']}", markup=False)
+
+
+@datasets_app.command("ls")
+def datasets_ls(ctx: typer.Context) -> None:
+    """List datasets: the built-in ones, then the uploaded ones, newest first."""
+    client = _client(ctx)
+    page = run(lambda: client.get("/datasets"))
+    table = Table(title=f"{page['count']} datasets", title_justify="left")
+    for column in ("id", "name", "status", "classes", "images", "created"):
+        table.add_column(column, no_wrap=column == "id", justify="right" if column == "classes" else "left")
+    for record in page["data"]:
+        table.add_row(
+            record["id"],
+            record.get("name") or "—",
+            record["status"],
+            str(len(record.get("classes") or [])) if record["status"] == "ready" else "—",
+            split_counts(record.get("images")),
+            "built in" if record.get("builtin") else (record.get("created_at") or "")[:19].replace("T", " "),
+        )
+    out.print(table)
+
+
+@datasets_app.command("show")
+def datasets_show(
+    ctx: typer.Context,
+    dataset_id: Annotated[str, typer.Argument(help="Dataset id (or mnist, cifar10, hymenoptera).")],
+    skipped: Annotated[
+        int, typer.Option("--skipped", min=0, help="List at most this many skipped files (0: none).")
+    ] = SKIPPED_SHOWN,
+) -> None:
+    """Show a dataset: status (or why it failed), classes, images per split and class, skipped files."""
+    client = _client(ctx)
+    record = run(lambda: client.get(f"/datasets/{dataset_id}"))
+    progress = record.get("progress") or {}
+    duplicates = record.get("duplicates") or {}
+    rows: list[tuple[str, Any]] = [
+        ("id", record["id"]),
+        ("name", record.get("name")),
+        ("status", record["status"]),
+        ("error", record.get("error")),
+        ("task", record.get("task")),
+    ]
+    if record.get("builtin"):
+        rows.append(("built in", "yes (found under the server's DATA_DIR)"))
+    else:
+        size = record.get("size_bytes")
+        rows += [
+            ("created", record.get("created_at")),
+            ("finished", record.get("finished_at")),
+            ("archive", f"{record.get('format')}, {size:,} bytes" if size is not None else None),
+            ("layout", record.get("layout")),
+            ("split", json.dumps(record["split"]) if record.get("split") else None),
+        ]
+    if record["status"] == INGESTING and progress:
+        done, total = progress.get("entries_done"), progress.get("entries_total")
+        counted = f" {done}/{total} entries, {progress.get('images', 0)} images" if total else ""
+        rows.append(("progress", f"{progress.get('stage', '')}{counted}"))
+    classes = record.get("classes") or []
+    rows += [
+        ("classes", f"{len(classes)}: {', '.join(classes)}" if classes else None),
+        ("images", split_counts(record.get("images"))),
+    ]
+    if not record.get("builtin"):
+        rows += [("skipped", record.get("skipped_count", 0)), ("ignored", record.get("ignored_count", 0))]
+    if not record.get("builtin") and record["status"] == "ready":
+        rows.append(
+            (
+                "duplicates",
+                f"{duplicates.get('train_val', 0)} val images also in train, "
+                f"{duplicates.get('within_split', 0)} within a split",
+            )
+        )
+    out.print(key_values(rows))
+    if record.get("counts"):
+        out.print(class_counts_table(record))
+    listed = record.get("skipped") or []
+    if listed and skipped:
+        total = max(record.get("skipped_count", 0), len(listed))
+        table = Table(title=f"Skipped files ({min(skipped, len(listed))} of {total})", title_justify="left")
+        table.add_column("path", overflow="fold")
+        table.add_column("reason", overflow="fold")
+        for item in listed[:skipped]:
+            table.add_row(item["path"], item["reason"])
+        out.print(table)
+        if total > skipped:
+            more = f"--skipped {min(total, len(listed))}" if len(listed) > skipped else "the API"
+            out.print(f"... and {total - skipped} more (see {more})", markup=False)
+
+
+def _in_use_hint(exc: ApiError) -> str | None:
+    """Advice under DELETE /datasets/{id}'s 409 when a job uses the dataset."""
+    in_use = re.search(r"job ([0-9a-f]{32}) is queued or running", str(exc.detail))
+    if exc.status != 409 or not in_use:
+        return None
+    return f"cancel it (imgclf jobs cancel {in_use.group(1)}) or wait until it ends, then remove the dataset"
+
+
+@datasets_app.command("rm")
+def datasets_rm(
+    ctx: typer.Context, dataset_id: Annotated[str, typer.Argument(help="Id of an uploaded dataset.")]
+) -> None:
+    """Delete an uploaded dataset and its files (models trained on it stay). Refused while a queued
+    or running job uses it."""
+    client = _client(ctx)
+    run(lambda: client.delete(f"/datasets/{dataset_id}"), hint=_in_use_hint)
+    out.print(f"dataset {dataset_id} deleted", markup=False)
+
+
 @app.command()
 def predict(
     ctx: typer.Context,
@@ -337,7 +542,9 @@ def predict(
     alias: Annotated[
         str | None, typer.Option(help="With --task or --dataset: the model carrying this alias.")
     ] = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes per image (1-100).")] = 3,
+    top_k: Annotated[
+        int, typer.Option("--top-k", "-k", help="Classes per image (1-100; the API's default).")
+    ] = DEFAULT_TOP_K,
 ) -> None:
     """Classify images: one line per file, `FILE: label (probability), ...`; exit 1 if any failed."""
     if not task and not model and not dataset:

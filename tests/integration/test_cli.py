@@ -3,6 +3,7 @@ API and a real Celery worker (synthetic MNIST), as a user would run it."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ from PIL import Image
 
 from tests.conftest import REPO, ApiProcess, Stack, served_stack, wait_for
 from tests.factories import digit_image
+from tests.factories_datasets import class_images, zip_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -24,8 +26,13 @@ FOLLOWED_JOB = ["--set", "epochs=4", "--set", "max_train_samples=600"]
 
 @pytest.fixture(scope="module")
 def cli_stack(tmp_path_factory, redis_url, synthetic_data_dir):
-    with served_stack(tmp_path_factory.mktemp("cli"), redis_url, synthetic_data_dir) as served:
-        yield served
+    root = tmp_path_factory.mktemp("cli")
+    with pytest.MonkeyPatch.context() as patch:
+        # Uploaded datasets under the stack's root, not the checkout's var/datasets (the API and
+        # worker processes inherit os.environ).
+        patch.setenv("DATASETS_DIR", str(root / "datasets"))
+        with served_stack(root, redis_url, synthetic_data_dir) as served:
+            yield served
 
 
 def imgclf(url: str, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -175,6 +182,106 @@ def test_api_errors_are_printed_plainly(cli_stack):
         assert accepted.returncode == 0, accepted.stderr
     finally:
         keyed.stop()
+
+
+def test_datasets_upload_wait_ls_show_rm(cli_stack, tmp_path):
+    """The README's CLI path for your own photos: upload a zip with --wait, list it, show it (with its
+    skipped files, capped), train on it, and remove it (refused while the job uses it)."""
+    _, api = cli_stack
+    entries = class_images({"birds": 5, "cats": 6, "dogs": 6})
+    for name in ("birds/b.txt", "cats/notes.txt", "dogs/a.txt"):
+        entries[name] = b"not an image"
+    archive = tmp_path / "photos.zip"
+    archive.write_bytes(zip_bytes(entries))
+    dataset_id = hashlib.sha256(archive.read_bytes()).hexdigest()[:32]
+
+    uploaded = imgclf(api.url, "datasets", "upload", str(archive), "--name", "pets", "--wait")
+    assert uploaded.returncode == 0, uploaded.stdout + uploaded.stderr
+    record = httpx.get(f"{api.url}/datasets/{dataset_id}").json()
+    assert record["status"] == "ready" and record["name"] == "pets" and record["skipped_count"] == 3
+    train, val = record["images"]["train"], record["images"]["val"]
+    assert f"dataset {dataset_id} ingesting (pets)" in uploaded.stdout
+    assert f"dataset {dataset_id} ready: 3 classes, {train} train / {val} val images, 3 files skipped" in (
+        uploaded.stdout
+    )
+    for cls in ("birds", "cats", "dogs"):  # the images per class and split
+        counts = rf"\b{cls}\W+{record['counts']['train'][cls]}\W+{record['counts']['val'][cls]}\W*$"
+        assert re.search(counts, uploaded.stdout, re.M), uploaded.stdout
+    no_traceback(uploaded)
+
+    again = imgclf(api.url, "datasets", "upload", str(archive), "--wait", "--quiet")  # the same bytes
+    assert again.returncode == 0 and again.stdout == f"{dataset_id}\n", again.stdout + again.stderr
+
+    listing = imgclf(api.url, "datasets", "ls")
+    assert listing.returncode == 0, listing.stderr
+    assert re.search(rf"{dataset_id}\W+pets\W+ready\W+3\W+{train} train / {val} val\W", listing.stdout)
+    assert re.search(r"\bhymenoptera\W+hymenoptera\W+ready\W+2\W", listing.stdout), listing.stdout
+
+    shown = imgclf(api.url, "datasets", "show", dataset_id)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"classes\s+3: birds, cats, dogs", shown.stdout), shown.stdout
+    assert re.search(r"skipped\s+3\b", shown.stdout) and "Skipped files (3 of 3)" in shown.stdout
+    for name in ("birds/b.txt", "cats/notes.txt", "dogs/a.txt"):
+        assert re.search(rf"{name}\W+not an image", shown.stdout), shown.stdout
+    capped = imgclf(api.url, "datasets", "show", dataset_id, "--skipped", "1")
+    assert "Skipped files (1 of 3)" in capped.stdout and "... and 2 more (see --skipped 3)" in capped.stdout
+    assert sum(name in capped.stdout for name in ("birds/b.txt", "cats/notes.txt", "dogs/a.txt")) == 1
+
+    submitted = imgclf(
+        api.url,
+        "train",
+        "custom_resnet18",
+        "--dataset",
+        dataset_id,
+        "--set",
+        "epochs=50",
+        "--set",
+        "weights=none",
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = re.search(r"job ([0-9a-f]{32}) queued", submitted.stdout).group(1)
+    refused = imgclf(api.url, "datasets", "rm", dataset_id)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.splitlines() == [
+        f"error: 409 Conflict: job {job_id} is queued or running on dataset {dataset_id}",
+        f"cancel it (imgclf jobs cancel {job_id}) or wait until it ends, then remove the dataset",
+    ]
+    assert httpx.get(f"{api.url}/datasets/{dataset_id}").status_code == 200
+    assert imgclf(api.url, "jobs", "cancel", job_id).returncode == 0
+    wait_for(
+        lambda: httpx.get(f"{api.url}/jobs/{job_id}").json()["status"] == "cancelled", 120, 0.2, "cancel"
+    )
+    removed = imgclf(api.url, "datasets", "rm", dataset_id)
+    assert removed.returncode == 0 and removed.stdout.strip() == f"dataset {dataset_id} deleted"
+    assert httpx.get(f"{api.url}/datasets/{dataset_id}").status_code == 404
+    assert dataset_id not in imgclf(api.url, "datasets", "ls").stdout
+    gone = imgclf(api.url, "datasets", "rm", dataset_id)
+    assert (
+        gone.returncode == 1
+        and gone.stderr.strip() == f"error: 404 Not Found: no dataset with id {dataset_id}"
+    )
+
+
+def test_a_failed_dataset_exits_1_with_its_reason(cli_stack, tmp_path):
+    _, api = cli_stack
+    archive = tmp_path / "one-class.zip"
+    archive.write_bytes(zip_bytes(class_images({"cats": 4})))
+    dataset_id = hashlib.sha256(archive.read_bytes()).hexdigest()[:32]
+    result = imgclf(api.url, "datasets", "upload", str(archive), "--wait")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.startswith(f"dataset {dataset_id} ingesting (one-class)")
+    error = httpx.get(f"{api.url}/datasets/{dataset_id}").json()["error"]
+    assert "need at least 2 class" in error
+    assert result.stderr.strip() == f"dataset {dataset_id} failed: {error}"
+    no_traceback(result)
+    quiet = imgclf(api.url, "datasets", "upload", str(archive), "--wait", "-q")  # retried, fails again
+    assert quiet.returncode == 1 and quiet.stdout == "" and f"dataset {dataset_id} failed: " in quiet.stderr
+
+    not_an_archive = tmp_path / "photos.zip"
+    not_an_archive.write_text("not an archive")
+    result = imgclf(api.url, "datasets", "upload", str(not_an_archive))
+    assert result.returncode == 1 and result.stderr.startswith("error: 415 Unsupported Media Type: ")
+    no_traceback(result)
 
 
 def test_follow_resumes_after_the_api_restarts(make_stack, start_worker, start_api, synthetic_data_dir):

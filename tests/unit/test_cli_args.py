@@ -33,3 +33,31 @@ def test_validation_errors_read_as_one_line():
     ]
     assert format_detail(detail) == "mnist_lenet5.hyperparameters.epochs: Input should be >= 1; bad"
     assert format_detail("no job with id x") == "no job with id x"
+
+
+def test_predict_top_k_default_is_the_apis():
+    """`imgclf predict` without --top-k asks for as many classes as POST /predict without top_k."""
+    import inspect
+
+    from app.main import create_app
+    from cli.main import DEFAULT_TOP_K, predict
+    from core.config import Settings
+
+    schema = create_app(Settings(_env_file=None, environment="development")).openapi()
+    ref = schema["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    form = schema["components"]["schemas"][ref["$ref"].rsplit("/", 1)[-1]]
+    assert form["properties"]["top_k"]["default"] == DEFAULT_TOP_K
+    assert inspect.signature(predict).parameters["top_k"].default == DEFAULT_TOP_K
+
+
+def test_split_counts_and_in_use_hint():
+    from cli.client import ApiError
+    from cli.main import _in_use_hint, split_counts
+
+    assert split_counts({"train": 1200, "val": 5}) == "1,200 train / 5 val"
+    assert split_counts({}) == split_counts(None) == "—"
+    job = "a" * 32
+    in_use = ApiError(409, "Conflict", f"job {job} is queued or running on dataset {'b' * 32}")
+    assert f"imgclf jobs cancel {job}" in _in_use_hint(in_use)
+    assert _in_use_hint(ApiError(409, "Conflict", "mnist is built in and cannot be deleted")) is None
+    assert _in_use_hint(ApiError(404, "Not Found", f"job {job} is queued or running")) is None
