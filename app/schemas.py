@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from core.datasets import DATASET_ID_PATTERN
 from core.jobs import JobRecord
+from models_store.aliases import model_name
+from models_store.checkpoint import CheckpointInfo
 from tasks import TaskName, get_task, list_tasks
 from tasks.base import Task
 
@@ -172,6 +174,43 @@ class ModelPublic(BaseModel):
             "model on the evaluation split (null for checkpoints written before evaluations were stored)."
         ),
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_checkpoint(cls, data: Any) -> Any:
+        """A ``CheckpointInfo`` validates as its id, verification and metadata.json's fields
+        (``aliases`` live in Redis, not with the checkpoint: the route adds them)."""
+        if not isinstance(data, CheckpointInfo):
+            return data
+        meta = data.metadata
+        return {
+            "id": data.model_id,
+            "task": meta.get("task"),
+            "valid": data.valid,
+            "error": data.error,
+            "created_at": meta.get("created_at"),
+            "size_bytes": data.size_bytes,
+            "classes": meta.get("classes") or [],
+            "metrics": meta.get("metrics") or {},
+            "hyperparameters": meta.get("hyperparameters") or {},
+            "job_id": meta.get("job_id"),
+            "device": meta.get("device"),
+            "pretrained": meta.get("pretrained"),
+            "sha256": (meta.get("weights") or {}).get("sha256"),
+            "name": model_name(meta),
+            "evaluation": _evaluation(meta.get("evaluation")),
+        }
+
+
+def _evaluation(value: object) -> EvaluationPublic | None:
+    """The stored evaluation, or None when there is none or it does not have the expected shape
+    (metadata.json edited by hand)."""
+    if value is None:
+        return None
+    try:
+        return EvaluationPublic.model_validate(value)
+    except ValidationError:
+        return None
 
 
 class ModelsPublic(BaseModel):

@@ -26,18 +26,13 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks import builtin_datasets
+
 DATASET_ID_PATTERN = r"^[0-9a-f]{32}$"
 SKIPPED_LISTED = 1000  # skipped files listed on the record (all are counted)
 
 # name -> (task that trains on it, classes); these are found under DATA_DIR, not uploaded
-BUILTIN_DATASETS: dict[str, tuple[str, list[str]]] = {
-    "mnist": ("mnist_lenet5", [str(d) for d in range(10)]),
-    "cifar10": (
-        "cifar10_dense",
-        ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-    ),
-    "hymenoptera": ("hymenoptera_resnet18", ["ants", "bees"]),
-}
+BUILTIN_DATASETS: dict[str, tuple[str, tuple[str, ...]]] = builtin_datasets()
 
 
 def sniff_archive(head: bytes) -> str | None:
@@ -178,7 +173,7 @@ def builtin_record(name: str) -> DatasetRecord:
     """The record of a built-in dataset; raises ``KeyError`` for an unknown name."""
     task, classes = BUILTIN_DATASETS[name]
     return DatasetRecord(
-        id=name, name=name, status=DatasetStatus.ready, builtin=True, task=task, classes=classes
+        id=name, name=name, status=DatasetStatus.ready, builtin=True, task=task, classes=list(classes)
     )
 
 
@@ -210,14 +205,14 @@ return 'ok'
 # KEYS: record, index, users. ARGV: job key prefix, id
 _DELETE = """
 local current = redis.call('GET', KEYS[1])
-if not current then return 'missing' end
+if not current then return {'missing', ''} end
 for _, job_id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
   local status = redis.call('HGET', ARGV[1] .. job_id, 'status')
-  if status == 'queued' or status == 'running' then return 'in_use:' .. job_id end
+  if status == 'queued' or status == 'running' then return {'in_use', job_id} end
 end
 redis.call('DEL', KEYS[1], KEYS[3])
 redis.call('ZREM', KEYS[2], ARGV[2])
-return 'deleted'
+return {'deleted', ''}
 """
 
 # KEYS: record, users. ARGV: job id
@@ -229,6 +224,44 @@ if status ~= 'ready' then return status end
 redis.call('SADD', KEYS[2], ARGV[1])
 return 'ok'
 """
+
+
+class UpdateOutcome(StrEnum):
+    """What ``DatasetStore.update`` did."""
+
+    ok = "ok"  # the record was replaced
+    missing = "missing"  # deleted meanwhile
+    status_changed = "status_changed"  # its stored status is no longer the expected one: unchanged
+
+
+class DeleteOutcome(StrEnum):
+    """What ``DatasetStore.delete`` did."""
+
+    deleted = "deleted"
+    missing = "missing"  # no such dataset
+    in_use = "in_use"  # a queued or running job trains on it (``DeleteResult.job_id``): unchanged
+
+
+class DeleteResult(BaseModel):
+    """Outcome of ``DatasetStore.delete``, with the job that uses the dataset when ``in_use``."""
+
+    outcome: DeleteOutcome
+    job_id: str | None = None
+
+
+class AttachOutcome(StrEnum):
+    """What ``DatasetStore.attach_job`` did."""
+
+    ok = "ok"  # the job is recorded as training on it
+    missing = "missing"  # no such dataset
+    not_ready = "not_ready"  # it is ingesting or failed (``AttachResult.status``): nothing recorded
+
+
+class AttachResult(BaseModel):
+    """Outcome of ``DatasetStore.attach_job``, with the dataset's status when ``not_ready``."""
+
+    outcome: AttachOutcome
+    status: DatasetStatus | None = None
 
 
 class DatasetStore:
@@ -286,22 +319,29 @@ class DatasetStore:
                 continue
         return records
 
-    def update(self, record: DatasetRecord, only_if: DatasetStatus = DatasetStatus.ingesting) -> str:
+    def update(
+        self, record: DatasetRecord, only_if: DatasetStatus = DatasetStatus.ingesting
+    ) -> UpdateOutcome:
         """Replace the record if its stored status is still ``only_if``: ``ok``, ``missing``
         (deleted meanwhile) or ``status_changed``."""
-        return self._update(keys=[self.key(record.id)], args=[record.model_dump_json(), only_if.value])
+        outcome = self._update(keys=[self.key(record.id)], args=[record.model_dump_json(), only_if.value])
+        return UpdateOutcome(outcome)
 
-    def delete(self, dataset_id: str, job_key_prefix: str) -> str:
-        """Delete the record unless in use: ``deleted``, ``missing`` or ``in_use:<job id>`` (a
-        queued or running job trains on it). An ingestion in progress notices at its next progress
-        write and removes its files."""
+    def delete(self, dataset_id: str, job_key_prefix: str) -> DeleteResult:
+        """Delete the record unless in use: ``deleted``, ``missing`` or ``in_use`` with the id of a
+        queued or running job that trains on it. An ingestion in progress notices at its next
+        progress write and removes its files."""
         keys = [self.key(dataset_id), self.index_key, f"{self.key(dataset_id)}:jobs"]
-        return self._delete(keys=keys, args=[job_key_prefix, dataset_id])
+        outcome, job_id = self._delete(keys=keys, args=[job_key_prefix, dataset_id])
+        return DeleteResult(outcome=DeleteOutcome(outcome), job_id=job_id or None)
 
-    def attach_job(self, dataset_id: str, job_id: str) -> str:
+    def attach_job(self, dataset_id: str, job_id: str) -> AttachResult:
         """Record that ``job_id`` trains on the dataset, if it is ready: ``ok``, ``missing`` or
-        the dataset's status."""
-        return self._attach(keys=[self.key(dataset_id), f"{self.key(dataset_id)}:jobs"], args=[job_id])
+        ``not_ready`` with the dataset's status."""
+        outcome = self._attach(keys=[self.key(dataset_id), f"{self.key(dataset_id)}:jobs"], args=[job_id])
+        if outcome in (AttachOutcome.ok, AttachOutcome.missing):
+            return AttachResult(outcome=AttachOutcome(outcome))
+        return AttachResult(outcome=AttachOutcome.not_ready, status=DatasetStatus(outcome))
 
 
 def _parse(dataset_id: str, raw: str) -> DatasetRecord:

@@ -240,11 +240,40 @@ class CancelResult(BaseModel):
     status: JobStatus | None = None
 
 
+class StartOutcome(StrEnum):
+    """What ``JobStore.start`` did: ``started``, or why the job did not start."""
+
+    started = "started"  # this worker holds the lease; the job is running
+    missing = "missing"  # no such job
+    leased = "leased"  # another worker holds it
+    cancelled = "cancelled"  # a cancel was pending: it ended cancelled without running
+    failed = "failed"  # too many attempts (or it had already failed)
+    succeeded = "succeeded"  # it had already succeeded
+
+
 class StartResult(BaseModel):
     """Outcome of ``JobStore.start``: ``started`` with the attempt number, or why not."""
 
-    outcome: str
+    outcome: StartOutcome
     attempts: int = 0
+
+
+class FinishOutcome(StrEnum):
+    """What ``JobStore.finish`` (and ``worker.runner.JobLease.finish``) did."""
+
+    finished = "finished"  # the final status is recorded and the lease released
+    not_holder = "not_holder"  # this worker no longer holds the lease: nothing written
+    cancel_requested = "cancel_requested"  # unless_cancel_requested, and one arrived: nothing written
+    unrecorded = "unrecorded"  # JobLease.finish only: Redis stayed unreachable, nothing written
+
+
+class RequeueOutcome(StrEnum):
+    """What ``JobStore.requeue_orphans`` did to one job of the running set."""
+
+    requeued = "requeued"  # its lease had expired: back in the queue
+    cancelled = "cancelled"  # its lease had expired with a cancel pending: ended cancelled
+    gone = "gone"  # it was no longer running (only dropped from the running set)
+    alive = "alive"  # its lease is still held: left alone
 
 
 def utcnow() -> str:
@@ -628,7 +657,7 @@ class JobStore:
                 status_event(JobStatus.cancelled),
             ],
         )
-        return StartResult(outcome=outcome, attempts=int(attempts))
+        return StartResult(outcome=StartOutcome(outcome), attempts=int(attempts))
 
     def renew_lease(self, job_id: str, token: str, ttl_s: float) -> bool:
         """Extend the lease; False if this worker no longer holds it."""
@@ -652,7 +681,7 @@ class JobStore:
 
     def finish(
         self, job_id: str, token: str, status: JobStatus, unless_cancel_requested: bool = False, **fields: Any
-    ) -> str:
+    ) -> FinishOutcome:
         """Move a running job to a final status and release its lease.
 
         Returns ``finished``; ``not_holder`` if this worker no longer holds the lease (nothing
@@ -669,12 +698,12 @@ class JobStore:
             *_encode_fields(fields),
         ]
         keys = [self.job_key(job_id), self.running_key, self.lease_key(job_id), *self._event_keys(job_id)]
-        return self._finish(keys=keys, args=argv)
+        return FinishOutcome(self._finish(keys=keys, args=argv))
 
     def is_cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self.job_key(job_id), "cancel_requested") == "1"
 
-    def requeue_orphans(self) -> list[tuple[str, str]]:
+    def requeue_orphans(self) -> list[tuple[str, RequeueOutcome]]:
         """Running jobs whose lease expired: requeued (or cancelled if a cancel was pending).
 
         Returns [(job_id, outcome)] for those changed; the caller sends a new broker message
@@ -684,8 +713,8 @@ class JobStore:
         for job_id in self.redis.smembers(self.running_key):
             keys = [self.job_key(job_id), self.running_key, self.lease_key(job_id), *self._event_keys(job_id)]
             args = [job_id, utcnow(), status_event(JobStatus.cancelled), status_event(JobStatus.queued)]
-            outcome = self._requeue(keys=keys, args=args)
-            if outcome in ("requeued", "cancelled"):
+            outcome = RequeueOutcome(self._requeue(keys=keys, args=args))
+            if outcome in (RequeueOutcome.requeued, RequeueOutcome.cancelled):
                 changed.append((job_id, outcome))
         return changed
 

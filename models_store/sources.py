@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from models_store.checkpoint import CheckpointError, CheckpointStore
+from tasks import tasks_of_architecture
 
-RESNET18_TASKS = ("hymenoptera_resnet18", "custom_resnet18")
+RESNET18_TASKS = tasks_of_architecture("resnet18")
 
 
 def resnet18_source_problem(checkpoints: CheckpointStore, model_id: str) -> str | None:

@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torchvision.transforms import CenterCrop, Resize
 
+from tasks import get_card
+
 if TYPE_CHECKING:
     from worker.data import DatasetSource
     from worker.training import Recipe
@@ -214,7 +216,6 @@ class Task:
             also the name of its module under ``tasks/``.
         title: a few words for people, e.g. ``"LeNet-5 on MNIST"``.
         description: one sentence; the description of its ``POST /jobs`` request schema.
-        dataset: name of the dataset, e.g. ``"mnist"``, ``"cifar10"``, ``"hymenoptera"``.
         hyperparameters: the pydantic model of its hyperparameters (defaults: the assignment's).
         preset: its preprocessing, shared by dataset caching, training, evaluation and serving.
         build_model: ``architecture`` dict (as stored in a checkpoint) -> an uninitialised
@@ -226,14 +227,15 @@ class Task:
         recipe: its training recipe class, ``recipe(hyperparameters, ctx)`` (``worker.training.Recipe``).
         example: the hyperparameters of the request example in its request schema.
         job_example: a named example of ``POST /jobs``.
-        uploaded_dataset: the task trains on a dataset uploaded with ``POST /datasets``, named by
-            the job's ``dataset`` (its ``locate`` is then unused).
+
+    Its built-in dataset, that dataset's classes and its network family are on its card
+    (``tasks.CARDS``), which is read without importing the module: ``dataset`` and
+    ``uploaded_dataset`` come from there.
     """
 
     name: str
     title: str
     description: str
-    dataset: str
     hyperparameters: type[Hyperparameters]
     preset: Preset
     build_model: Callable[[dict], nn.Module]
@@ -241,7 +243,18 @@ class Task:
     recipe: type[Recipe]
     example: dict[str, Any] = field(default_factory=dict)
     job_example: JobExample | None = None
-    uploaded_dataset: bool = False
+
+    @property
+    def dataset(self) -> str:
+        """Name of its built-in dataset (``"mnist"``, ``"cifar10"``, ``"hymenoptera"``), or
+        ``"uploaded"``."""
+        return get_card(self.name).dataset or "uploaded"
+
+    @property
+    def uploaded_dataset(self) -> bool:
+        """Whether it trains on a dataset uploaded with ``POST /datasets``, named by the job's
+        ``dataset`` (its ``locate`` is then unused)."""
+        return get_card(self.name).dataset is None
 
     @property
     def eval_split(self) -> str:

@@ -347,7 +347,6 @@ TASK = Task(
     name=NAME,
     title="Dense net on CIFAR-10",
     description="Train the hand-written dense net on CIFAR-10.",
-    dataset="cifar10",
     hyperparameters=DenseHyperparameters,
     preset=PRESET,
     build_model=build_model,

@@ -196,8 +196,6 @@ TASK = Task(
         "Fine-tune ResNet18 (or train its new fc on frozen features) on a dataset uploaded with "
         "POST /datasets, named by `dataset`."
     ),
-    dataset="uploaded",
-    uploaded_dataset=True,
     hyperparameters=CustomResNetHyperparameters,
     preset=PRESET,
     build_model=build_model,

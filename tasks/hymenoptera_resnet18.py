@@ -371,7 +371,6 @@ TASK = Task(
     name=NAME,
     title="ResNet18 on hymenoptera",
     description="Fine-tune ResNet18 (or train its new fc on frozen features) on hymenoptera.",
-    dataset="hymenoptera",
     hyperparameters=ResNetHyperparameters,
     preset=PRESET,
     build_model=build_model,

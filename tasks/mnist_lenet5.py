@@ -216,7 +216,6 @@ TASK = Task(
     name=NAME,
     title="LeNet-5 on MNIST",
     description="Train LeNet-5 on MNIST.",
-    dataset="mnist",
     hyperparameters=LeNetHyperparameters,
     preset=PRESET,
     build_model=build_model,

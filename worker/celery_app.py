@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from celery import signals
 
 from core.config import get_settings
-from core.jobs import JobStore, redis_client
+from core.jobs import JobStore, RequeueOutcome, redis_client
 from core.queue import enqueue_training, make_celery
 from models_store.checkpoint import CheckpointStore
 
@@ -40,9 +40,9 @@ def reap_once(store: JobStore) -> list[str]:
     requeued = []
     for job_id, outcome in store.requeue_orphans():
         log.warning("job %s: its worker was lost; %s", job_id, outcome)
-        if outcome == "cancelled":  # a cancel was pending: the job will never resume
+        if outcome is RequeueOutcome.cancelled:  # a cancel was pending: the job will never resume
             shutil.rmtree(settings.resume_dir(job_id), ignore_errors=True)
-        if outcome == "requeued":
+        if outcome is RequeueOutcome.requeued:
             enqueue_training(app, job_id)
             requeued.append(job_id)
     return requeued

@@ -52,11 +52,12 @@ from core.datasets import (
     DatasetStatus,
     DatasetStore,
     SkippedFile,
+    UpdateOutcome,
     utcnow,
 )
 from core.images import DecodeLimits, ImageRejected, decode_image, to_mode
 from core.jobs import redis_client
-from tasks import get_task
+from tasks import get_task, upload_task
 from tasks.base import Preset
 from worker.archives import ArchiveRefused, Limits, Member, MemberTooLarge, SafeArchive
 from worker.data import ImageDataset, SplitItems
@@ -79,7 +80,7 @@ SPLITS = ("train", "val")
 
 def dataset_preset() -> Preset:
     """The preset uploaded datasets are cached with: ResNet18's (Resize 256, CenterCrop 224)."""
-    return get_task("custom_resnet18").preset
+    return get_task(upload_task()).preset
 
 
 class _Deleted(Exception):
@@ -144,7 +145,7 @@ def ingest_dataset(dataset_id: str, settings: Settings) -> str:
         return _fail(store, record, folder, f"{type(exc).__name__}: {exc}")
     ready = record.model_copy(update={**result, "status": DatasetStatus.ready, "finished_at": utcnow()})
     ready.progress = {}
-    if store.update(ready) != "ok":  # deleted meanwhile: leave nothing behind
+    if store.update(ready) is not UpdateOutcome.ok:  # deleted meanwhile: leave nothing behind
         shutil.rmtree(folder, ignore_errors=True)
         return "missing"
     (folder / UPLOAD_FILE).unlink(missing_ok=True)  # the decoded cache is the dataset now
@@ -176,7 +177,7 @@ def _progress_writer(store: DatasetStore, record: DatasetRecord):
         except Exception as exc:  # progress is best effort
             log.warning("dataset %s: could not record progress: %s", record.id, exc)
             return
-        if outcome != "ok":
+        if outcome is not UpdateOutcome.ok:
             raise _Deleted(record.id)
 
     return write

@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 from core.config import Settings
-from core.jobs import TERMINAL_STATUSES, JobRecord, JobStatus, JobStore, redis_client
+from core.jobs import FinishOutcome, JobRecord, JobStatus, JobStore, StartOutcome, redis_client
 from models_store.checkpoint import CheckpointStore
 from tasks import get_task
 from worker.resume import ResumeStore
@@ -26,6 +26,8 @@ from worker.training import StopTraining, TrainingContext, TrainingResult, run_t
 log = logging.getLogger(__name__)
 
 CANCELLED = "cancelled"
+# start outcomes of a job that has ended: it will never run again, so its resume state can go
+_ENDED = frozenset({StartOutcome.succeeded, StartOutcome.failed, StartOutcome.cancelled})
 PROGRESS_EVENT_INTERVAL_S = 0.2  # progress is reported every 0.25 s; events at most 5/s, about 4/s
 LEASE_LOST = "lease lost"
 
@@ -66,7 +68,7 @@ class JobLease:
     def cancel_requested(self) -> bool:
         return self.store.is_cancel_requested(self.job_id)
 
-    def finish(self, status: JobStatus, unless_cancelled: bool = False, **fields: object) -> str:
+    def finish(self, status: JobStatus, unless_cancelled: bool = False, **fields: object) -> FinishOutcome:
         """Record the final status (see ``JobStore.finish``), retrying for up to a minute while
         Redis is unreachable; returns the store's outcome, or ``unrecorded``."""
         deadline = time.monotonic() + 60
@@ -78,7 +80,7 @@ class JobLease:
             except Exception as exc:
                 if time.monotonic() > deadline:
                     log.error("job %s: could not record final status %s: %s", self.job_id, status, exc)
-                    return "unrecorded"
+                    return FinishOutcome.unrecorded
                 log.warning("job %s: Redis unreachable, retrying final status: %s", self.job_id, exc)
                 time.sleep(2)
 
@@ -131,11 +133,11 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
     start = store.start(
         job_id, token, settings.job_lease_ttl_s, worker_name, str(device), settings.max_attempts
     )
-    if start.outcome != "started":
+    if start.outcome != StartOutcome.started:
         log.info("job %s not run: %s", job_id, start.outcome)
-        if start.outcome in TERMINAL_STATUSES:  # e.g. failed after MAX_ATTEMPTS: it will never resume
+        if start.outcome in _ENDED:  # e.g. failed after MAX_ATTEMPTS: it will never resume
             ResumeStore(settings.resume_dir(job_id)).clear()
-        return start.outcome
+        return start.outcome.value
     record = store.get(job_id)
     log.info("job %s (%s) started on %s, attempt %d", job_id, record.task, device, start.attempts)
     lease = JobLease(store, job_id, token, settings.job_lease_ttl_s)
@@ -157,7 +159,7 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
             ctx.add_time("checkpoint_s", time.perf_counter() - checkpoint_start)
         except StopTraining as stop:
             if stop.reason == LEASE_LOST:  # another worker owns the job now, and its resume state
-                return "leased"
+                return StartOutcome.leased.value
             outcome = _end(lease, JobStatus.cancelled, ctx, started, latest)
         except Exception as exc:
             log.exception("job %s failed", job_id)
@@ -189,7 +191,7 @@ def _end(
     ctx.add_time("total_s", time.perf_counter() - started)
     fields = {**latest, **fields, "timings": ctx.timings}
     if status == JobStatus.succeeded:
-        if lease.finish(status, unless_cancelled=True, **fields) != "cancel_requested":
+        if lease.finish(status, unless_cancelled=True, **fields) != FinishOutcome.cancel_requested:
             return status.value
         fields.pop("model_id")
         status = JobStatus.cancelled

@@ -16,6 +16,17 @@ from urllib.parse import unquote
 import pytest
 from PIL import Image
 
+from core.datasets import (
+    AttachOutcome,
+    AttachResult,
+    DatasetRecord,
+    DatasetStatus,
+    DatasetStore,
+    DeleteOutcome,
+    DeleteResult,
+    UpdateOutcome,
+)
+from core.jobs import JobStore, redis_client
 from tests.conftest import api_client, wait_for, wait_for_status
 from tests.factories_datasets import (
     class_images,
@@ -53,6 +64,11 @@ def dataset_files(stack) -> list[str]:
     return sorted(os.path.relpath(path, root) for path in found)
 
 
+def queue_key(stack) -> str:
+    """The Redis list of the stack's Celery queue (ingestion and training messages)."""
+    return f"{stack.env['REDIS_PREFIX']}:celery:{stack.env['CELERY_QUEUE']}"
+
+
 def test_upload_ingest_same_bytes_same_dataset_list_and_delete(make_stack, start_worker, tmp_path):
     stack = make_stack(datasets_dir=tmp_path / "datasets")
     start_worker(stack)
@@ -87,13 +103,38 @@ def test_upload_ingest_same_bytes_same_dataset_list_and_delete(make_stack, start
 
         listing = client.get("/datasets").json()
         ids = [d["id"] for d in listing["data"]]
-        assert ids == ["mnist", "cifar10", "hymenoptera", first["id"]] and listing["count"] == 4
+        assert ids == ["cifar10", "mnist", "hymenoptera", first["id"]] and listing["count"] == 4
         assert listing["data"][2]["builtin"] and listing["data"][2]["classes"] == ["ants", "bees"]
 
         assert client.delete(f"/datasets/{first['id']}").status_code == 204
         assert client.get(f"/datasets/{first['id']}").status_code == 404
         assert client.delete(f"/datasets/{first['id']}").status_code == 404
         assert dataset_files(stack) == []
+
+
+def test_store_outcomes_of_update_attach_and_delete(stack):
+    """``DatasetStore`` against the real Redis: each outcome, and the job that holds a dataset."""
+    settings = stack.settings()
+    client = redis_client(settings.redis_url, 2.0)
+    datasets, jobs = DatasetStore(client, settings.redis_prefix), JobStore(client, settings.redis_prefix)
+    jobs_prefix = f"{settings.redis_prefix}:job:"
+    record = DatasetRecord(id="a" * 32, name="pets", status=DatasetStatus.ingesting)
+    datasets.create(record)
+    assert datasets.attach_job(record.id, "j" * 32) == AttachResult(
+        outcome=AttachOutcome.not_ready, status=DatasetStatus.ingesting
+    )
+    ready = record.model_copy(update={"status": DatasetStatus.ready})
+    assert datasets.update(ready) is UpdateOutcome.ok
+    assert datasets.update(ready) is UpdateOutcome.status_changed  # no longer ingesting
+    job, _ = jobs.create("custom_resnet18", {}, dataset=record.id)
+    assert datasets.attach_job(record.id, job.id) == AttachResult(outcome=AttachOutcome.ok)
+    in_use = DeleteResult(outcome=DeleteOutcome.in_use, job_id=job.id)
+    assert datasets.delete(record.id, jobs_prefix) == in_use
+    jobs.request_cancel(job.id)  # queued: cancelled at once, so it no longer holds the dataset
+    assert datasets.delete(record.id, jobs_prefix) == DeleteResult(outcome=DeleteOutcome.deleted)
+    assert datasets.delete(record.id, jobs_prefix) == DeleteResult(outcome=DeleteOutcome.missing)
+    assert datasets.update(ready) is UpdateOutcome.missing
+    assert datasets.attach_job(record.id, job.id) == AttachResult(outcome=AttachOutcome.missing)
 
 
 def test_bad_upload_requests_are_refused_and_leave_nothing(stack, tmp_path):
@@ -196,6 +237,14 @@ def test_hostile_archives_get_their_documented_outcome(make_stack, start_worker,
         assert dataset_files(stack) == sorted(f"{i}/images.safetensors" for i in ready_ids)
         assert client.get("/readyz").json()["workers"]
         assert worker.process.poll() is None
+        # a job on a failed dataset is refused before anything is stored or enqueued
+        queue = stack.redis().llen(queue_key(stack))
+        for name in ("zip slip", "one class"):
+            refused = submit_custom(client, ids[name], epochs=1, weights="none")
+            assert refused.status_code == 422, refused.text
+            assert f"dataset {ids[name]} is failed, not ready" in refused.json()["detail"]
+        assert client.get("/jobs").json()["count"] == 0
+        assert stack.redis().llen(queue_key(stack)) == queue
         after = upload(client, zip_bytes(class_images({"x": 2, "y": 2})))
         assert wait_dataset(client, after.json()["id"])["status"] == ready
 
@@ -225,11 +274,48 @@ def test_disk_full_while_ingesting_fails_cleanly(make_stack, start_worker, tmp_p
 # Training on an uploaded dataset -------------------------------------------------------------
 
 
+def assert_png(response, size: tuple[int, int] | None = None) -> None:
+    """A 200 answer whose body is a PNG image (of ``size`` when given)."""
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert response.content.startswith(b"\x89PNG\r\n\x1a\n")
+    image = Image.open(io.BytesIO(response.content))
+    assert image.format == "PNG"
+    if size is not None:
+        assert image.size == size
+
+
 def submit_custom(client, dataset_id: str, **hyperparameters):
     return client.post(
         "/jobs",
         json={"task": "custom_resnet18", "dataset": dataset_id, "hyperparameters": hyperparameters},
     )
+
+
+def test_a_job_on_an_ingesting_dataset_is_refused_before_enqueue(stack, tmp_path):
+    stack.update(datasets_dir=tmp_path / "datasets")
+    with api_client(stack) as client:  # no worker: the dataset stays ingesting
+        dataset_id = upload(client, zip_bytes(class_images({"a": 2, "b": 2}))).json()["id"]
+        assert client.get(f"/datasets/{dataset_id}").json()["status"] == "ingesting"
+        assert stack.redis().llen(queue_key(stack)) == 1  # its ingestion message
+        for hyperparameters in ({"epochs": 1, "weights": "none"}, {}):
+            refused = submit_custom(client, dataset_id, **hyperparameters)
+            assert refused.status_code == 422, refused.text
+            detail = refused.json()["detail"]
+            assert detail == (
+                f"dataset {dataset_id} is ingesting, not ready: "
+                f"wait for GET /datasets/{dataset_id} to say ready"
+            )
+        keyed = client.post(
+            "/jobs",
+            json={"task": "custom_resnet18", "dataset": dataset_id, "hyperparameters": {}},
+            headers={"Idempotency-Key": "k-ingesting"},
+        )
+        assert keyed.status_code == 422 and "ingesting, not ready" in keyed.text
+        assert client.get("/jobs").json() == {"data": [], "count": 0}
+        assert stack.redis().llen(queue_key(stack)) == 1
+        # no job was attached to it: it can still be deleted
+        assert client.delete(f"/datasets/{dataset_id}").status_code == 204
 
 
 def test_custom_resnet18_trains_on_an_upload_and_predicts_its_classes(make_stack, start_worker, tmp_path):
@@ -266,6 +352,13 @@ def test_custom_resnet18_trains_on_an_upload_and_predicts_its_classes(make_stack
         assert grid.status_code == 200 and Image.open(io.BytesIO(grid.content)).format == "PNG"
         assert client.get(f"/datasets/{dataset_id}/images/val/100000").status_code == 404
         assert client.get(f"/datasets/{dataset_id}/images/test/0").status_code == 404
+        # the custom model's figures: every val image of the dataset is shown (as a mistake or not)
+        assert_png(client.get(f"/models/{job['model_id']}/confusion.png"))
+        assert_png(client.get(f"/jobs/{job['id']}/curves.png"))
+        val_size = client.get(f"/datasets/{dataset_id}").json()["images"]["val"]
+        assert val_size == sum(map(sum, evaluation["confusion_matrix"]))
+        for index in range(val_size):
+            assert_png(client.get(f"/datasets/{dataset_id}/images/val/{index}"), size=(224, 224))
 
         # from that checkpoint (same classes: its fc is kept), in feature-extraction mode
         follow = submit_custom(
@@ -277,6 +370,8 @@ def test_custom_resnet18_trains_on_an_upload_and_predicts_its_classes(make_stack
         second = wait_for_status(client, follow.json()["id"], {"succeeded", "failed"}, timeout=300)
         assert second["status"] == "succeeded", second["error"]
         assert second["weights"].startswith(f"model:{job['model_id']}")
+        assert_png(client.get(f"/models/{second['model_id']}/confusion.png"))
+        assert_png(client.get(f"/jobs/{second['id']}/curves.png"))
         by_dataset = client.post(
             "/predict", files={"file": ("x.png", images["red/000.png"])}, data={"dataset": dataset_id}
         )

@@ -6,7 +6,17 @@ import time
 
 import pytest
 
-from core.jobs import CancelOutcome, CancelResult, IdempotencyConflict, JobStatus, JobStore, redis_client
+from core.jobs import (
+    CancelOutcome,
+    CancelResult,
+    FinishOutcome,
+    IdempotencyConflict,
+    JobStatus,
+    JobStore,
+    RequeueOutcome,
+    StartOutcome,
+    redis_client,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -33,8 +43,8 @@ def test_create_get_list_newest_first(store):
 def test_start_takes_lease_once(store):
     job, _ = store.create("mnist_lenet5", HP)
     first = store.start(job.id, "tok1", 30, "w1", "cpu", max_attempts=3)
-    assert first.outcome == "started" and first.attempts == 1
-    assert store.start(job.id, "tok2", 30, "w2", "cpu", max_attempts=3).outcome == "leased"
+    assert first.outcome == StartOutcome.started and first.attempts == 1
+    assert store.start(job.id, "tok2", 30, "w2", "cpu", max_attempts=3).outcome == StartOutcome.leased
     record = store.get(job.id)
     assert record.status == JobStatus.running and record.worker == "w1" and record.started_at
 
@@ -43,10 +53,10 @@ def test_writes_are_fenced_by_the_lease_token(store):
     job, _ = store.create("mnist_lenet5", HP)
     store.start(job.id, "tok1", 30, "w1", "cpu", max_attempts=3)
     assert not store.update(job.id, "intruder", device="cuda:0")
-    assert store.finish(job.id, "intruder", JobStatus.succeeded) == "not_holder"
+    assert store.finish(job.id, "intruder", JobStatus.succeeded) == FinishOutcome.not_holder
     assert store.get(job.id).status == JobStatus.running
     assert store.update(job.id, "tok1", device="cuda:0")
-    assert store.finish(job.id, "tok1", JobStatus.succeeded, model_id="m1") == "finished"
+    assert store.finish(job.id, "tok1", JobStatus.succeeded, model_id="m1") == FinishOutcome.finished
     record = store.get(job.id)
     assert record.status == JobStatus.succeeded and record.model_id == "m1" and record.finished_at
     assert not store.renew_lease(job.id, "tok1", 30)
@@ -57,21 +67,26 @@ def test_success_gives_way_to_a_cancel_that_arrived_first(store):
     store.start(job.id, "tok", 30, "w", "cpu", 3)
     store.request_cancel(job.id)
     assert (
-        store.finish(job.id, "tok", JobStatus.succeeded, unless_cancel_requested=True) == "cancel_requested"
+        store.finish(job.id, "tok", JobStatus.succeeded, unless_cancel_requested=True)
+        == FinishOutcome.cancel_requested
     )
     assert store.get(job.id).status == JobStatus.running
-    assert store.finish(job.id, "tok", JobStatus.cancelled) == "finished"
+    assert store.finish(job.id, "tok", JobStatus.cancelled) == FinishOutcome.finished
     record = store.get(job.id)
     assert record.status == JobStatus.cancelled and record.progress.stage == "cancelled"
 
 
 def test_cancel_queued_never_starts(store):
     job, _ = store.create("mnist_lenet5", HP)
-    assert store.request_cancel(job.id) == CancelResult(outcome="cancelled", status="cancelled")
-    assert store.start(job.id, "tok", 30, "w", "cpu", 3).outcome == "cancelled"
+    assert store.request_cancel(job.id) == CancelResult(
+        outcome=CancelOutcome.cancelled, status=JobStatus.cancelled
+    )
+    assert store.start(job.id, "tok", 30, "w", "cpu", 3).outcome == StartOutcome.cancelled
     assert store.get(job.id).status == JobStatus.cancelled
-    assert store.request_cancel(job.id) == CancelResult(outcome="ended", status="cancelled")
-    assert store.request_cancel("0" * 32) == CancelResult(outcome="missing", status=None)
+    assert store.request_cancel(job.id) == CancelResult(
+        outcome=CancelOutcome.ended, status=JobStatus.cancelled
+    )
+    assert store.request_cancel("0" * 32) == CancelResult(outcome=CancelOutcome.missing, status=None)
 
 
 def test_cancel_running_sets_flag(store):
@@ -88,9 +103,9 @@ def test_orphan_is_requeued_then_failed_after_max_attempts(store):
         assert store.start(job.id, f"t{attempt}", 0.2, "w", "cpu", max_attempts=2).attempts == attempt
         assert store.requeue_orphans() == []  # lease still alive
         time.sleep(0.3)
-        assert store.requeue_orphans() == [(job.id, "requeued")]
+        assert store.requeue_orphans() == [(job.id, RequeueOutcome.requeued)]
         assert store.get(job.id).status == JobStatus.queued
-    assert store.start(job.id, "t3", 0.2, "w", "cpu", max_attempts=2).outcome == "failed"
+    assert store.start(job.id, "t3", 0.2, "w", "cpu", max_attempts=2).outcome == StartOutcome.failed
     record = store.get(job.id)
     assert record.status == JobStatus.failed and "gave up after 2 attempts" in record.error
     assert record.attempts == 2 and record.progress.stage == "failed"
@@ -101,7 +116,7 @@ def test_orphan_with_pending_cancel_ends_cancelled(store):
     store.start(job.id, "t", 0.2, "w", "cpu", 3)
     store.request_cancel(job.id)
     time.sleep(0.3)
-    assert store.requeue_orphans() == [(job.id, "cancelled")]
+    assert store.requeue_orphans() == [(job.id, RequeueOutcome.cancelled)]
     assert store.get(job.id).status == JobStatus.cancelled
 
 

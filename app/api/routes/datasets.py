@@ -35,13 +35,14 @@ from core.datasets import (
     DatasetsPublic,
     DatasetStatus,
     DatasetStore,
+    DeleteOutcome,
     builtin_record,
     ingestion_stalled,
     sniff_archive,
     utcnow,
 )
 from core.queue import enqueue_ingest
-from tasks import get_task, list_tasks
+from tasks import get_task, upload_task
 from worker.data import DatasetCorrupt, DatasetNotFound, SplitItems, read_items
 from worker.ingest import read_uploaded_items
 
@@ -51,12 +52,9 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 
 def dataset_tasks() -> dict[str, str]:
-    """Dataset name -> the (first) task that trains on it, whose preset and loader serve it."""
-    found: dict[str, str] = {}
-    for task in list_tasks():
-        if not get_task(task).uploaded_dataset:  # uploads are served by their id (see below)
-            found.setdefault(get_task(task).dataset, task)
-    return found
+    """Built-in dataset name -> the (first) task that trains on it, whose preset and loader serve
+    it (uploads are served by their id, see below)."""
+    return {name: task for name, (task, _) in BUILTIN_DATASETS.items()}
 
 
 DatasetName = Annotated[
@@ -342,7 +340,7 @@ def _dataset_name(sink: _MultipartSink, dataset_id: str) -> str:
         raise _UploadRejected(422, "name is not valid UTF-8") from None
     if len(given) > MAX_NAME_CHARS:
         raise _UploadRejected(422, f"name is longer than {MAX_NAME_CHARS} characters")
-    if not _NAME_RE.match(given):
+    if not _NAME_RE.fullmatch(given):  # not .match: its $ also matches before a final newline
         raise _UploadRejected(422, "name must not contain control characters")
     name = given.strip()
     if not name and sink.filename:
@@ -437,7 +435,7 @@ async def upload_dataset(
                 id=dataset_id,
                 name=_dataset_name(sink, dataset_id),
                 status=DatasetStatus.ingesting,
-                task="custom_resnet18",
+                task=upload_task(),
                 created_at=utcnow(),
                 sha256=digest,
                 size_bytes=sink.size,
@@ -487,10 +485,10 @@ def _place_upload(temporary: FilePath, folder: FilePath) -> None:
 @router.get(
     "", response_model=DatasetsPublic, summary="List datasets: built-in, then uploaded (newest first)"
 )
-def list_datasets(request: Request) -> DatasetsPublic:
+def list_datasets(request: Request) -> dict:
     uploaded = get_dataset_store(request).list()
     data = [builtin_record(name) for name in BUILTIN_DATASETS] + uploaded
-    return DatasetsPublic(data=data, count=len(data))
+    return {"data": data, "count": len(data)}
 
 
 @router.get(
@@ -529,12 +527,12 @@ def delete_dataset(dataset_id: DatasetId, request: Request, settings: SettingsDe
     if dataset_id in BUILTIN_DATASETS:
         raise HTTPException(status.HTTP_409_CONFLICT, f"{dataset_id} is built in and cannot be deleted")
     store = get_dataset_store(request)
-    outcome = store.delete(dataset_id, f"{store.prefix}:job:")
-    if outcome == "missing":
+    result = store.delete(dataset_id, f"{store.prefix}:job:")
+    if result.outcome == DeleteOutcome.missing:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dataset with id {dataset_id}")
-    if outcome.startswith("in_use:"):
+    if result.outcome == DeleteOutcome.in_use:
         raise HTTPException(
-            status.HTTP_409_CONFLICT, f"job {outcome[7:]} is queued or running on dataset {dataset_id}"
+            status.HTTP_409_CONFLICT, f"job {result.job_id} is queued or running on dataset {dataset_id}"
         )
     shutil.rmtree(FilePath(settings.datasets_dir) / dataset_id, ignore_errors=True)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -13,6 +13,7 @@ from app.events import job_events
 from app.figures import PNG, curves_png, run_bounded
 from app.schemas import JOB_CREATE_EXAMPLES, JobCreate, JobPublic, JobsPublic, error_responses
 from app.security import key_owner
+from core.datasets import AttachOutcome, DatasetStatus
 from core.jobs import JOB_ID_PATTERN, CancelOutcome, IdempotencyConflict, JobRecord, JobStatus, request_hash
 from core.queue import enqueue_training
 from models_store.sources import resnet18_source_problem
@@ -109,10 +110,12 @@ def create_job(
     except IdempotencyConflict as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     if created and dataset:  # atomically: the dataset is still there and ready, and now in use
-        outcome = datasets.attach_job(dataset, record.id)
-        if outcome != "ok":
+        attached = datasets.attach_job(dataset, record.id)
+        if attached.outcome != AttachOutcome.ok:
             jobs.delete(record.id, idempotency_key, owner)
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, _dataset_unusable(dataset, outcome))
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT, _dataset_unusable(dataset, attached.status)
+            )
     if created:
         try:
             enqueue_training(celery, record.id)
@@ -130,9 +133,9 @@ def _check_references(job, dataset: str | None, datasets, checkpoints) -> None:
     weights that is not a valid ResNet18 checkpoint."""
     if dataset is not None:
         record = datasets.get(dataset)
-        if record is None or record.status != "ready":
-            outcome = "missing" if record is None else record.status.value
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, _dataset_unusable(dataset, outcome))
+        if record is None or record.status != DatasetStatus.ready:
+            current = None if record is None else record.status
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, _dataset_unusable(dataset, current))
     source = getattr(job.hyperparameters, "source_model", None)
     if source is not None:
         problem = resnet18_source_problem(checkpoints, source)
@@ -140,10 +143,11 @@ def _check_references(job, dataset: str | None, datasets, checkpoints) -> None:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, problem)
 
 
-def _dataset_unusable(dataset: str, outcome: str) -> str:
-    if outcome == "missing":
+def _dataset_unusable(dataset: str, dataset_status: DatasetStatus | None) -> str:
+    """The 422 message for a dataset that is missing (``dataset_status`` None) or not ready."""
+    if dataset_status is None:
         return f"no dataset with id {dataset}: upload it with POST /datasets"
-    return f"dataset {dataset} is {outcome}, not ready: wait for GET /datasets/{dataset} to say ready"
+    return f"dataset {dataset} is {dataset_status}, not ready: wait for GET /datasets/{dataset} to say ready"
 
 
 @router.get(

@@ -6,11 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from fastapi.responses import FileResponse
-from pydantic import ValidationError
 
 from app.api.deps import AliasesDep, CheckpointsDep, ExportsDep, RegistryDep
 from app.figures import PNG, confusion_png, run_bounded
-from app.schemas import AliasPublic, EvaluationPublic, ModelPublic, ModelsPublic, error_responses
+from app.schemas import AliasPublic, ModelPublic, ModelsPublic, error_responses
 from models_store.aliases import ALIAS_PATTERN, model_name, validate_alias
 from models_store.checkpoint import (
     MODEL_ID_PATTERN,
@@ -38,37 +37,9 @@ AliasName = Annotated[
 ]
 
 
-def model_public(info: CheckpointInfo, aliases: list[str] | None = None) -> ModelPublic:
-    meta = info.metadata
-    return ModelPublic(
-        id=info.model_id,
-        task=meta.get("task"),
-        valid=info.valid,
-        error=info.error,
-        created_at=meta.get("created_at"),
-        size_bytes=info.size_bytes,
-        classes=meta.get("classes") or [],
-        metrics=meta.get("metrics") or {},
-        hyperparameters=meta.get("hyperparameters") or {},
-        job_id=meta.get("job_id"),
-        device=meta.get("device"),
-        pretrained=meta.get("pretrained"),
-        sha256=(meta.get("weights") or {}).get("sha256"),
-        name=model_name(meta),
-        aliases=aliases or [],
-        evaluation=_evaluation(meta.get("evaluation")),
-    )
-
-
-def _evaluation(value: object) -> EvaluationPublic | None:
-    """The stored evaluation, or None when there is none or it does not have the expected shape
-    (metadata.json edited by hand)."""
-    if value is None:
-        return None
-    try:
-        return EvaluationPublic.model_validate(value)
-    except ValidationError:
-        return None
+def model_public(info: CheckpointInfo, aliases: list[str]) -> ModelPublic:
+    """The checkpoint (``ModelPublic`` validates from it) with its aliases, which live in Redis."""
+    return ModelPublic.model_validate(info).model_copy(update={"aliases": aliases})
 
 
 @router.get("", response_model=ModelsPublic, summary="List checkpoints, newest first")
@@ -79,7 +50,7 @@ def list_models(
     valid: Annotated[bool | None, Query(description="Only valid (true) or invalid (false) ones.")] = None,
     offset: Annotated[int, Query(ge=0, le=1_000_000, description="Models to skip.")] = 0,
     limit: Annotated[int, Query(ge=1, le=200, description="Page size.")] = 50,
-) -> ModelsPublic:
+) -> dict:
     """Every checkpoint, including ones that fail verification (`valid: false` with the reason)."""
     infos = [
         i
@@ -88,7 +59,7 @@ def list_models(
     ]
     page = infos[offset : offset + limit]
     aliases = alias_store.aliases_of_many([i.model_id for i in page])
-    return ModelsPublic(data=[model_public(i, aliases[i.model_id]) for i in page], count=len(infos))
+    return {"data": [model_public(i, aliases[i.model_id]) for i in page], "count": len(infos)}
 
 
 @router.get(
@@ -243,10 +214,9 @@ def export_model(
 )
 async def model_confusion(model_id: ModelId, checkpoints: CheckpointsDep) -> Response:
     """Rows = true class, columns = predicted, counts in the cells; 800 x 700 pixels."""
-    model = model_public(await run_bounded(checkpoints.get, model_id))
-    if model.evaluation is None:
+    evaluation = ModelPublic.model_validate(await run_bounded(checkpoints.get, model_id)).evaluation
+    if evaluation is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {model_id} has no stored evaluation")
-    evaluation = model.evaluation
     title = f"{model_id}: {evaluation.split} accuracy {evaluation.accuracy:.2%}"
     data = await run_bounded(confusion_png, evaluation.confusion_matrix, evaluation.classes, title)
     return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=60"})

@@ -1,13 +1,14 @@
 // Predict: drop images onto the page (or choose files); each shows the image and top-k bars.
 
-import { api, openapi } from "../api.js";
+import { api } from "../api.js";
 import { errorBox, fill, h, percent } from "../dom.js";
+import { jobForms } from "./train.js";
 
+/** Tasks that /predict can choose by name: those not trained on an uploaded dataset (the POST
+ * /jobs variants without a `dataset` field; models of uploads are chosen by model). */
 async function tasks() {
   try {
-    const doc = await openapi();
-    const mapping = doc.paths["/jobs"].post.requestBody.content["application/json"].schema.discriminator?.mapping;
-    if (mapping) return Object.keys(mapping);
+    return (await jobForms()).filter((form) => !form.needsDataset).map((form) => form.task);
   } catch {}
   return ["mnist_lenet5", "cifar10_dense", "hymenoptera_resnet18"];
 }
@@ -73,7 +74,7 @@ export function render(root, params) {
       h(
         "optgroup",
         { label: "by task: its production model, else the newest" },
-        taskNames.filter((t) => t !== "custom_resnet18").map((t) => h("option", { value: `task:${t}` }, `${t} (production, else newest)`)),
+        taskNames.map((t) => h("option", { value: `task:${t}` }, `${t} (production, else newest)`)),
       ),
       models.length ? h("optgroup", { label: "a specific model" }, models.map((m) => h("option", { value: `model:${m.id}` }, `${m.id}${m.aliases?.length ? ` [${m.aliases.join(", ")}]` : ""}`))) : null,
     );
