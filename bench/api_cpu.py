@@ -9,7 +9,7 @@ newest checkpoint of ``--model`` in ``var/peers/models`` (the ones ``bench.peers
 3 s of warm-up and then ``--duration`` seconds of ``/predict`` with ``--concurrency`` keep-alive
 clients (real MNIST test digits as PNG, or the 153 hymenoptera val JPEGs), ``--rounds`` times, each
 round in a fresh process, and prints requests/s, latency and the API process's user + system CPU
-seconds per request (``/proc/<pid>/stat``). Throughput on a shared machine follows the CPU share
+seconds per request. Throughput on a shared machine follows the CPU share
 the server gets; CPU per request does not, so compare two commits with this. Extra
 ``KEY=VALUE`` arguments are set in the API's environment.
 """
@@ -19,16 +19,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
 from bench.load import ROOT, mnist_pngs, predict_load
-from bench.peers.__main__ import hymenoptera_jpegs
+from bench.peers.__main__ import ApiServer, hymenoptera_jpegs
 
+WORKDIR = ROOT / "var" / "api-cpu"
 MODELS_DIR = ROOT / "var" / "peers" / "models"
 
 
@@ -57,44 +54,20 @@ def newest_checkpoint(models_dir: Path, task: str) -> str:
     return found[-1]
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def one_round(args: argparse.Namespace, model_id: str, images: list[bytes]) -> dict:
-    """Start the API, warm it up, measure ``--duration`` s of load; the API is stopped after."""
-    env = {
-        **os.environ,
-        "API_KEYS": "",
-        "ENVIRONMENT": "development",
-        "MODELS_DIR": str(args.models_dir),
-        "CACHE_DIR": str(ROOT / "var" / "api-cpu" / "cache"),
-        "REDIS_PREFIX": "api-cpu",
-        "WEB_CONCURRENCY": "1",
-        "INFERENCE_THREADS": "1",
-        **dict(item.split("=", 1) for item in args.env),
-    }
-    url = f"http://127.0.0.1:{args.port}"
-    command = [sys.executable, "-m", "app.serve", "--host", "127.0.0.1", "--port", str(args.port),
-               "--workers", "1", "--log-level", "warning", "--no-access-log"]  # fmt: skip
-    api = subprocess.Popen(command, cwd=ROOT, env=env)
+    """Start the API (``bench.peers.ApiServer``, one process), warm it up, measure ``--duration``
+    s of load; the API is stopped after."""
+    server_args = argparse.Namespace(workers=1, threads=1, device="cpu", api_env=[], peer_batch_lenet=False)
+    settings = [f"MODELS_DIR={args.models_dir}", f"CACHE_DIR={ROOT / 'var' / 'api-cpu' / 'cache'}", *args.env]
+    server = ApiServer(server_args, args.model, model_id, args.port, WORKDIR, settings=settings)
+    server.start()
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        asyncio.run(predict_load(url, model_id, images, 3, args.concurrency))
-        before = process_cpu_s(api.pid)
-        result = asyncio.run(predict_load(url, model_id, images, args.duration, args.concurrency))
-        cpu = process_cpu_s(api.pid) - before
+        asyncio.run(predict_load(server.url, model_id, images, 3, args.concurrency))
+        before = server.cpu_seconds()
+        result = asyncio.run(predict_load(server.url, model_id, images, args.duration, args.concurrency))
+        cpu = server.cpu_seconds() - before
     finally:
-        api.terminate()
-        api.wait(30)
+        server.stop()
     result["cpu_ms_per_request"] = round(1000 * cpu / max(result["requests"], 1), 3)
     return result
 

@@ -3,6 +3,7 @@
     ./scripts/up.sh                                        # the stack, in another shell
     .venv/bin/python -m bench.service_run                  # 10 epochs each, ~8 min on 2 CPU cores
     .venv/bin/python -m bench.service_run --api http://host:8000 --api-key KEY --epochs 1
+    .venv/bin/python -m bench.service_run --tasks hymenoptera_resnet18 custom_resnet18   # upload vs built-in
 
 For each of cifar10_dense, mnist_lenet5 and hymenoptera_resnet18 (finetune and
 feature_extraction, ``weights`` as given by ``--resnet-weights``) it submits one job with
@@ -11,6 +12,9 @@ with ``POST /predict`` against the job's ``model_id``: 200 MNIST test digits (ev
 CIFAR-10 test JPEGs (a seeded sample) and all 153 hymenoptera val images. It prints, per job, the
 device, final train and test/val accuracy as the job reports them, the share of uploaded images
 /predict got right, and the job's timings (seconds), and writes them as JSON under bench/results/.
+``custom_resnet18`` (in ``--tasks``) uploads hymenoptera_data.zip re-packed as ``photos/train/``
++ ``photos/val/`` with ``POST /datasets`` and trains it with the same hyperparameters as the
+built-in task: the two must reach the same accuracy.
 Exit status 1 if a job did not succeed. Data: ``--data-dir`` (default DATA_DIR, else
 ../shared/datasets), read-only.
 """
@@ -36,6 +40,7 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 FINAL = ("succeeded", "failed", "cancelled")
+TASKS = ("cifar10_dense", "mnist_lenet5", "hymenoptera_resnet18")
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--epochs", type=int, default=None, help="default: the assignment's 10")
     parser.add_argument("--resnet-weights", default="none", choices=["none", "IMAGENET1K_V1", "local"])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=[*TASKS, "custom_resnet18"])
     parser.add_argument(
         "--data-dir", type=Path, default=Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "datasets"))
     )
@@ -57,12 +63,32 @@ def parse_args() -> argparse.Namespace:
 def jobs(args: argparse.Namespace) -> list[tuple[str, dict]]:
     common = {"epochs": args.epochs} if args.epochs else {}
     resnet = {**common, "weights": args.resnet_weights}
-    return [
+    every = [
         ("cifar10_dense", common),
         ("mnist_lenet5", common),
         ("hymenoptera_resnet18", {**resnet, "mode": "finetune"}),
         ("hymenoptera_resnet18", {**resnet, "mode": "feature_extraction"}),
+        ("custom_resnet18", {**resnet, "mode": "finetune"}),
+        ("custom_resnet18", {**resnet, "mode": "feature_extraction"}),
     ]
+    return [(task, hyperparameters) for task, hyperparameters in every if task in args.tasks]
+
+
+def upload_hymenoptera(client: httpx.Client, data_dir: Path) -> str:
+    """Upload hymenoptera_data.zip re-packed as ``photos/{train,val}/<class>/``; the dataset id
+    once it is ready. Raises ``SystemExit`` if ingestion fails."""
+    from tests.factories_datasets import repack_hymenoptera
+
+    archive = repack_hymenoptera(data_dir / "hymenoptera_data.zip", "train_val")
+    response = client.post("/datasets", files={"file": ("hymenoptera-photos.zip", archive)})
+    response.raise_for_status()
+    dataset = response.json()
+    while dataset["status"] == "ingesting":
+        time.sleep(1)
+        dataset = client.get(f"/datasets/{dataset['id']}").json()
+    if dataset["status"] != "ready":
+        sys.exit(f"the uploaded hymenoptera dataset {dataset['id']} failed: {dataset.get('error')}")
+    return dataset["id"]
 
 
 def test_images(task: str, data_dir: Path) -> Iterator[tuple[bytes, str]]:
@@ -79,6 +105,7 @@ def test_images(task: str, data_dir: Path) -> Iterator[tuple[bytes, str]]:
     archive, prefix = {
         "cifar10_dense": ("cifar10-jpg.zip", "cifar10-jpg/test/"),
         "hymenoptera_resnet18": ("hymenoptera_data.zip", "hymenoptera_data/val/"),
+        "custom_resnet18": ("hymenoptera_data.zip", "hymenoptera_data/val/"),  # the upload's val split
     }[task]
     with zipfile.ZipFile(data_dir / archive) as zf:
         names = sorted(
@@ -90,8 +117,9 @@ def test_images(task: str, data_dir: Path) -> Iterator[tuple[bytes, str]]:
             yield zf.read(name), name[len(prefix) :].split("/")[0]
 
 
-def run_job(client: httpx.Client, task: str, hyperparameters: dict) -> dict:
-    response = client.post("/jobs", json={"task": task, "hyperparameters": hyperparameters})
+def run_job(client: httpx.Client, task: str, hyperparameters: dict, dataset: str | None = None) -> dict:
+    body = {"task": task, "hyperparameters": hyperparameters, **({"dataset": dataset} if dataset else {})}
+    response = client.post("/jobs", json=body)
     response.raise_for_status()
     job = response.json()
     while job["status"] not in FINAL:
@@ -115,8 +143,9 @@ def main() -> None:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     client = httpx.Client(base_url=args.api, headers=headers, timeout=120)
     rows = []
+    dataset = upload_hymenoptera(client, args.data_dir) if "custom_resnet18" in args.tasks else None
     for task, hyperparameters in jobs(args):
-        job = run_job(client, task, hyperparameters)
+        job = run_job(client, task, hyperparameters, dataset if task == "custom_resnet18" else None)
         if job["status"] != "succeeded":
             sys.exit(f"{task} {hyperparameters}: job {job['id']} ended {job['status']}: {job.get('error')}")
         right, total = score_predictions(client, task, job["model_id"], args.data_dir)
@@ -145,7 +174,7 @@ def main() -> None:
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"service-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps({"api": args.api, "jobs": rows}, indent=1))
+    out.write_text(json.dumps({"api": args.api, "dataset": dataset, "jobs": rows}, indent=1))
     print(f"written to {out.relative_to(ROOT)}")
 
 
