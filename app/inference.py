@@ -54,6 +54,12 @@ class LoadedModel:
     infer_ms: float | None = None  # one image's forward pass when loaded (best of 3), ms
     light: bool = False  # runs in the calling thread, without the batcher (see ModelRegistry)
 
+    @property
+    def batched(self) -> bool:
+        """Whether single images go through the micro-batcher (a backend and a batcher, and not
+        light)."""
+        return self.batcher is not None and self.backend is not None and not self.light
+
 
 @dataclass
 class Prediction:
@@ -378,7 +384,7 @@ def predict(
         inverted and how it was framed (None for tasks that are never framed).
     """
     pixels, inverted, framing = preprocess(loaded, image, invert, normalize)
-    if loaded.batcher is not None and loaded.backend is not None and not loaded.light:
+    if loaded.batched:
         probabilities = loaded.batcher.run(loaded.backend, pixels)
     else:
         probabilities = infer(loaded, pixels.unsqueeze(0))[0]
