@@ -9,22 +9,104 @@ of two. Here every process listens on its own socket with ``SO_REUSEPORT``, so t
 new connections over the processes evenly. The parent checks first that the port is free (a
 plain bind), restarts a process that dies, and on SIGTERM or SIGINT stops them all (each one
 gracefully, as uvicorn does) before it exits.
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set (scripts/up.sh, the Docker image), the parent creates that
+folder and deletes the metric files of earlier runs before it starts the processes, so that
+``/metrics`` sums this run's processes only, whichever of them answers.
+
+Long request heads: uvicorn's httptools parser cannot split URLs of 64 KiB or more (its offsets
+are 16-bit) and uvicorn answered them with a plain-text ``400 Invalid HTTP request received.``;
+here such URLs reach the API, whose answer is its JSON 414 (URLs over 8 KiB). The request line
+and headers together are bounded by ``MAX_HEAD_BYTES`` (1 MiB; httptools alone keeps any amount
+in memory): past it the answer is a JSON 431 and the connection is closed.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
 import time
+import urllib.parse
+from pathlib import Path
 
 import uvicorn
 
 log = logging.getLogger("app.serve")
 BACKLOG = 2048  # uvicorn's default
+MAX_HEAD_BYTES = 1 << 20  # request line and headers: past this, 431 (README, "HTTP semantics")
+_PARSE_URL_MAX = 0xFFFF  # httptools.parse_url fails on longer URLs (16-bit offsets)
+
+
+def _http_protocol() -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with long request heads handled (see the module's docstring);
+    uvicorn's h11 protocol (``h11_max_incomplete_event_size`` bounds the head) without httptools."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # uvicorn without its [standard] extras
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        return H11Protocol
+
+    class LongHeadHttpToolsProtocol(HttpToolsProtocol):
+        _in_head = True  # the bytes received belong to a request line or headers
+        _head_bytes = 0
+
+        def data_received(self, data: bytes) -> None:
+            if self._in_head:
+                self._head_bytes += len(data)
+            super().data_received(data)  # on_headers_complete resets the count
+            if self._in_head and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                body = json.dumps(
+                    {"detail": f"the request line and headers are over {MAX_HEAD_BYTES} bytes"}
+                ).encode()
+                self.transport.write(
+                    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+                )
+                self.transport.close()
+
+        def on_headers_complete(self) -> None:
+            self._in_head, self._head_bytes = False, 0
+            url = self.url
+            if len(url) <= _PARSE_URL_MAX:
+                super().on_headers_complete()
+                return
+            target = url.partition(b"#")[0]
+            if not target.startswith(b"/") and b"://" in target:  # absolute form
+                target = b"/" + target.split(b"://", 1)[1].partition(b"/")[2]
+            raw_path, _, query = target.partition(b"?")
+            path = raw_path.decode("ascii")  # as uvicorn: an error here is its 400
+            self.url = b"/"  # for parse_url; the request's task is created but has not run yet
+            super().on_headers_complete()
+            self.url = url
+            self.scope["path"] = self.root_path + (urllib.parse.unquote(path) if "%" in path else path)
+            self.scope["raw_path"] = self.root_path.encode("ascii") + raw_path
+            self.scope["query_string"] = query
+
+        def on_message_complete(self) -> None:
+            self._in_head = True  # what follows is the next request's head
+            super().on_message_complete()
+
+    return LongHeadHttpToolsProtocol
+
+
+def prepare_metrics_dir() -> None:
+    """Create ``PROMETHEUS_MULTIPROC_DIR`` (when set) and delete the metric files left there by
+    earlier runs: prometheus-client's multiprocess mode sums every ``*.db`` file in it."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink(missing_ok=True)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -52,7 +134,14 @@ def port_free(host: str, port: int) -> bool:
 
 def _serve(host: str, port: int, log_level: str, access_log: bool) -> None:
     config = uvicorn.Config(
-        "app.main:create_app", factory=True, host=host, port=port, log_level=log_level, access_log=access_log
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        http=_http_protocol(),
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
     )
     uvicorn.Server(config).run(sockets=[_listen(host, port)])
 
@@ -75,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if not port_free(args.host, args.port):
         log.error("port %d on %s is already in use", args.port, args.host)
         return 1
+    prepare_metrics_dir()  # after the port check: a refused start leaves a running API's files alone
     target_args = (args.host, args.port, args.log_level, not args.no_access_log)
     if args.workers == 1:
         _serve(*target_args)

@@ -208,7 +208,7 @@ class CheckpointStore:
         infos = [
             self._inspect(entry.name, Path(entry.path))
             for entry in os.scandir(self.root)
-            if entry.is_dir(follow_symlinks=False) and _MODEL_ID_RE.match(entry.name)
+            if entry.is_dir(follow_symlinks=False) and _MODEL_ID_RE.fullmatch(entry.name)
         ]
         return sorted(infos, key=lambda info: (info.created_at, info.model_id), reverse=True)
 

@@ -20,5 +20,10 @@ for name in $NAMES; do
     [ -n "$QUIET" ] || echo "stopped $name ($pid)"
   fi
   rm -f "$pidfile"
-  if [ "$name" = api ]; then rm -f "$ROOT/var/run/api.port"; fi
+  if [ "$name" = api ]; then
+    # the HTTP metrics of its processes (PROMETHEUS_MULTIPROC_DIR): nothing reads them any more
+    metrics=$(cat "$ROOT/var/run/api.metrics" 2>/dev/null || echo "$ROOT/var/prometheus")
+    if [ -n "$metrics" ] && [ -d "$metrics" ]; then rm -f "$metrics"/*.db; fi
+    rm -f "$ROOT/var/run/api.port" "$ROOT/var/run/api.metrics"
+  fi
 done

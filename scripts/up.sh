@@ -34,9 +34,12 @@ done
 if [ -z "$found" ]; then
   echo "warning: no datasets in DATA_DIR=$DATA_DIR; jobs will fail until you set DATA_DIR (or ALLOW_DOWNLOAD=true)" >&2
 fi
+truthy() {  # as pydantic reads a bool setting (ALLOW_DOWNLOAD): 1, true, yes, on, y, t in any case
+  case "${1,,}" in 1|true|yes|on|y|t) return 0;; *) return 1;; esac
+}
 weights="${RESNET18_WEIGHTS:-IMAGENET1K_V1}"
 hub_file="${TORCH_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/torch}/hub/checkpoints/resnet18-f37072fd.pth"
-if [ "${weights,,}" = imagenet1k_v1 ] && [ ! -f "$hub_file" ] && [ "${ALLOW_DOWNLOAD:-false}" != true ]; then
+if [ "${weights,,}" = imagenet1k_v1 ] && [ ! -f "$hub_file" ] && ! truthy "${ALLOW_DOWNLOAD:-}"; then
   echo "warning: RESNET18_WEIGHTS=IMAGENET1K_V1 needs $hub_file, which is missing, and ALLOW_DOWNLOAD is off:" \
     "hymenoptera_resnet18 jobs with weights=default will fail; pass \"weights\": \"none\", or set" \
     "RESNET18_WEIGHTS=none (or local with RESNET18_WEIGHTS_FILE), or ALLOW_DOWNLOAD=true with internet" >&2
@@ -86,12 +89,13 @@ start_api() {
   port_free || refuse_port
   # WEB_CONCURRENCY processes (default: the CPU count, at most 8), each with its own loaded models
   # and its own SO_REUSEPORT socket, so that connections spread evenly (app/serve.py)
-  # several processes: each keeps its HTTP metrics here, so /metrics sums them (emptied at start)
+  # several processes: each keeps its HTTP metrics here, so /metrics sums them (app.serve creates
+  # and empties it at start; down.sh deletes the files)
   export PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-$ROOT/var/prometheus}"
-  rm -rf "$PROMETHEUS_MULTIPROC_DIR" && mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
   nohup "$PY" -m app.serve --host "$HOST" --port "$PORT" >>var/log/api.log 2>&1 &
   echo $! > var/run/api.pid
   echo "$PORT" > var/run/api.port
+  echo "$PROMETHEUS_MULTIPROC_DIR" > var/run/api.metrics
 }
 
 STARTED=""

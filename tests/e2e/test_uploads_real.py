@@ -2,7 +2,7 @@
 epoch), served by the API:
 
 * a BMP whose alpha is zero everywhere shows its digit: real test "7"s answer 7 like their
-  opaque twins (the case files too, when ../shared/cases is present);
+  opaque twins, and so do the QA's case files (tests/cases);
 * MNIST framing (``normalize=auto``) costs nothing on MNIST's own test digits and helps on the
   same digits drawn larger, smaller, off-centre, cropped tight or on paper (bench/framing.py is
   the full measurement).
@@ -22,8 +22,7 @@ from tests.factories_models import save_training_result
 
 pytestmark = [pytest.mark.realdata, pytest.mark.integration]
 
-REPO = Path(__file__).resolve().parents[2]
-CASES = [REPO.parent / "shared" / "cases" / "inputs-2", Path("/work/shared/cases/inputs-2")]
+CASES = Path(__file__).resolve().parents[1] / "cases"
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +55,8 @@ def test_zero_alpha_bmp_sevens_answer_seven(served_lenet, real_data_dir):
         assert zero == top1(client, model_id, bmp_v5(rgb, alpha=255))
         answers.append(zero)
     assert answers.count("7") >= 18, answers
-    for folder in CASES:
-        if (folder / "bmp_v5_alpha_zero_digit7.bmp").exists():
-            for name in ("bmp_v5_alpha_zero_digit7.bmp", "bmp_v5_alpha_ff_digit7.bmp"):
-                assert top1(client, model_id, (folder / name).read_bytes()) == "7", name
-            break
+    for name in ("bmp_v5_alpha_zero_digit7.bmp", "bmp_v5_alpha_ff_digit7.bmp"):
+        assert top1(client, model_id, (CASES / name).read_bytes()) == "7", name
 
 
 def test_framing_costs_nothing_on_mnist_and_helps_on_redrawn_digits(served_lenet, real_data_dir):

@@ -330,6 +330,49 @@ def test_url_over_8_kib_is_414_with_json(stack, start_api):
     assert "over the limit" in over.json()["detail"]
 
 
+def test_urls_up_to_the_head_bound_are_414_with_json_through_app_serve(stack):
+    """Audit: from 64 KiB on, uvicorn's httptools parser failed and uvicorn answered a plain-text
+    400. app.serve (as scripts/up.sh and the Docker image run the API) lets any URL within its
+    1 MiB bound on the request head reach the API's JSON 414; a longer head gets a JSON 431."""
+    import httpx
+
+    from app.serve import MAX_HEAD_BYTES
+    from tests.conftest import free_port
+    from tests.integration.test_serve import _start, _wait_healthy
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = _start(stack, port, workers=1)
+    try:
+        _wait_healthy(url, server)
+        for size in (100_000, 1_000_000):  # httpx refuses URLs over 64 KiB: a raw request
+            target = b"/jobs?pad=" + b"z" * size
+            answer = _exchange(port, b"GET %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % target)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 414 "), answer[:200]
+            assert b"\r\ncontent-type: application/json" in head
+            assert f"the URL is {len(target) - 1} bytes" in json.loads(body)["detail"]  # less the "?"
+        head = b"GET /jobs HTTP/1.1\r\nHost: test\r\nX-Pad: "
+        # one byte over, the head unfinished: all of it is read, so the answer is not lost to a reset
+        answer = _exchange(port, head + b"p" * (MAX_HEAD_BYTES + 1 - len(head)))
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["detail"].endswith(f"{MAX_HEAD_BYTES} bytes")
+        assert httpx.get(f"{url}/healthz").status_code == 200
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _exchange(port: int, request: bytes) -> bytes:
+    """Send ``request`` over a new connection and read the answer until the server closes it."""
+    data = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
 # Idempotency-Key scope ------------------------------------------------------------------------
 
 
@@ -376,7 +419,20 @@ def test_ids_with_a_trailing_newline_never_reach_the_filesystem(stack):
             assert response.json()["detail"][0]["loc"][0] == "path"
         response = client.post("/predict", files={"file": ("d.png", digit_png())}, data={"model_id": "abc\n"})
         assert response.status_code == 422
-        assert all(m["id"] != "abc\n" for m in client.get("/models").json()["data"] if m["valid"])
+        # listed neither as valid nor as invalid: the folder's name is not an id (fullmatch)
+        assert "abc\n" not in [m["id"] for m in client.get("/models").json()["data"]]
+
+
+def test_a_dataset_name_ending_in_a_newline_is_refused(make_stack, tmp_path):
+    from tests.factories_datasets import class_images, zip_bytes
+
+    stack = make_stack(datasets_dir=tmp_path / "datasets")
+    archive = zip_bytes(class_images({"cats": 2, "dogs": 2}))
+    with api_client(stack) as client:
+        for name in ("pets\n", "pets\x85"):
+            response = client.post("/datasets", files={"file": ("pets.zip", archive)}, data={"name": name})
+            assert response.status_code == 422, (name, response.text)
+            assert "control characters" in response.text
 
 
 def test_validation_errors_echo_numbers_as_numbers(stack):

@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -49,11 +49,16 @@ def test_up_starts_a_local_only_stack_restarts_parts_and_down_stops_it(checkout,
     (checkout / ".env").write_text(
         f"data_dir={tmp_path / 'from-dotenv'}\nMODELS_DIR=/nonexistent\nROOT=/elsewhere\nMY-VAR=1\n"
     )
+    metrics = checkout / "var" / "prometheus"  # PROMETHEUS_MULTIPROC_DIR: emptied at start
+    metrics.mkdir(parents=True)
+    (metrics / "counter_999999.db").write_bytes(b"an earlier run's")
     up = run_script(checkout, env, "up.sh")
     assert up.returncode == 0, up.stderr + up.stdout
     assert f"data: {tmp_path / 'from-dotenv'}" in up.stdout and f"models: {env['MODELS_DIR']}" in up.stdout
+    assert not (metrics / "counter_999999.db").exists()
     url = f"http://127.0.0.1:{env['PORT']}"
     [first_worker] = [w["name"] for w in httpx.get(f"{url}/readyz").json()["workers"]]
+    wait_for(lambda: list(metrics.glob("*.db")), timeout=10, what="this run's metric files")
     api_pid = (checkout / "var" / "run" / "api.pid").read_text()
     api = psutil.Process(int(api_pid))  # app.serve: its processes listen (SO_REUSEPORT)
     listening = {
@@ -73,6 +78,7 @@ def test_up_starts_a_local_only_stack_restarts_parts_and_down_stops_it(checkout,
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/healthz", timeout=2)
     assert list((checkout / "var" / "run").iterdir()) == []  # no stale pid or port files
+    assert list(metrics.glob("*.db")) == []  # nor metric files
 
 
 def test_up_refuses_a_port_another_process_holds(checkout, env):
@@ -124,3 +130,8 @@ def test_up_warns_when_the_resnet18_weights_need_an_impossible_download(checkout
     (hub / "resnet18-f37072fd.pth").write_bytes(b"cached")
     quiet = run_script(checkout, {**warned, "TORCH_HOME": str(tmp_path / "torch-home")}, "up.sh", "api")
     assert quiet.returncode == 0 and "RESNET18_WEIGHTS" not in quiet.stderr, quiet.stderr
+    # ALLOW_DOWNLOAD as the service reads it (pydantic's booleans): on in any of its spellings
+    for value, warns in (("1", False), ("On", False), ("no", True)):
+        up = run_script(checkout, {**warned, "ALLOW_DOWNLOAD": value}, "up.sh", "api")
+        assert up.returncode == 0, up.stderr
+        assert ("ALLOW_DOWNLOAD is off" in up.stderr) is warns, (value, up.stderr)

@@ -3,6 +3,7 @@ MNIST framing, and slow uploads that must not delay the others (a real uvicorn p
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import statistics
 import threading
@@ -174,6 +175,61 @@ def test_scan_bombs_do_not_delay_a_normal_request(make_stack, start_api):
     assert [status for _, status, _, _ in results] == [413, 413]
     assert all(status == 200 for _, status, _, _ in normals)
     assert max(seconds for _, _, seconds, _ in normals) < usual + MARGIN_S, (usual, normals)
+
+
+class _CountingLane:
+    """Wraps an ``anyio.Semaphore`` of app.state and counts who entered it."""
+
+    def __init__(self, lane) -> None:
+        self.lane = lane
+        self.entered = 0
+
+    async def __aenter__(self) -> None:
+        await self.lane.__aenter__()
+        self.entered += 1
+
+    async def __aexit__(self, *exc) -> None:
+        await self.lane.__aexit__(*exc)
+
+
+def _on_the_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # a worker thread
+        return False
+    return True
+
+
+def test_a_small_scan_bomb_skips_the_inline_path(make_stack, monkeypatch):
+    """Audit: a 256 x 256 progressive JPEG of 500 scans is small enough (bytes and pixels) for the
+    inline path of a light model, which decoded it on the event loop (~27 ms, every other request
+    of the process waiting), yet costs 32.8M pixel-scans, over HEAVY_DECODE_COST. Its header now
+    sends it to the heavy-decode lane and a worker thread, as any costly upload."""
+    from app.api.routes import predict as predict_route
+    from app.inference import ModelRegistry
+
+    stack = make_stack(inference_inline_ms=1000)  # LeNet-5 is light however loaded the machine is
+    make_model_checkpoint(stack.settings().models_dir)
+    bomb = progressive_scan_bomb(256, 256, 500)
+    assert len(bomb) <= ModelRegistry.INLINE_MAX_UPLOAD_BYTES
+    assert stack.settings().heavy_decode_cost < 256 * 256 * 500
+    on_loop: list[bool] = []
+    real_load_image = predict_route.load_image
+
+    def load_image(*args, **kwargs):
+        on_loop.append(_on_the_event_loop())
+        return real_load_image(*args, **kwargs)
+
+    monkeypatch.setattr(predict_route, "load_image", load_image)
+    normal = image_bytes(Image.fromarray(digit_seven()[..., 0]), "PNG")
+    with api_client(stack) as client:
+        heavy = client.app.state.heavy_decode_lane = _CountingLane(client.app.state.heavy_decode_lane)
+        assert post(client, normal).status_code == 200  # loads the model (in a thread)
+        assert post(client, normal).status_code == 200  # now inline: decoded on the event loop
+        assert heavy.entered == 0
+        assert post(client, bomb).status_code == 200
+        assert heavy.entered == 1
+    assert on_loop == [False, True, False]
 
 
 def test_slow_uploads_within_the_limits_do_not_hold_the_inference_slots(make_stack, start_api):

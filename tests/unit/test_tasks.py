@@ -31,10 +31,13 @@ def test_unknown_task_is_refused():
         get_task("imagenet")
 
 
-@pytest.mark.parametrize("module", ["worker.celery_app", "tasks", "core.jobs", "models_store.checkpoint"])
+@pytest.mark.parametrize(
+    "module", ["worker.celery_app", "worker.healthcheck", "tasks", "core.jobs", "models_store.checkpoint"]
+)
 def test_celery_app_and_registry_import_without_torch(module):
     """The worker's main process imports the Celery app and must not import torch (CUDA state
-    must be created in the pool child, after fork); listing task names must stay cheap."""
+    must be created in the pool child, after fork); listing task names must stay cheap, and so must
+    the Docker healthcheck (``worker.healthcheck``, every 30 s)."""
     code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch was imported'"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120

@@ -143,18 +143,21 @@ async def predict_image(
     limits = DecodeLimits.from_settings(settings)
     choice = _Choice(model_id, task, alias, dataset, invert, normalize)
     if registry.runs_inline(model_id, task, data):
-        # a light model and a small image: the thread hops would cost more than the work
+        # a light model and a small image: the thread hops would cost more than the work, unless
+        # its header (read here: a file of at most 256 KiB) says decoding is costly (a scan bomb)
         image, info = open_image(data, limits)
-        async with request.app.state.inference_slots:
-            prepared = _prepare(registry, settings, image, info, choice)
-            return _respond(prepared, infer(prepared.loaded, prepared.pixels[None])[0], top_k)
-    image, info = await run_in_threadpool(open_image, data, limits)
+        if info["cost"] <= settings.heavy_decode_cost:
+            async with request.app.state.inference_slots:
+                prepared = _prepare(registry, settings, image, info, limits, choice)
+                return _respond(prepared, infer(prepared.loaded, prepared.pixels[None])[0], top_k)
+    else:
+        image, info = await run_in_threadpool(open_image, data, limits)
     heavy = info["cost"] > settings.heavy_decode_cost
     lane = request.app.state.heavy_decode_lane if heavy else request.app.state.inference_slots
     async with lane:  # bounds the memory of decoding; the model step is the batcher's queue
         if await request.is_disconnected():  # it left while waiting: skip its decoding
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        prepared = await run_in_threadpool(_prepare, registry, settings, image, info, choice)
+        prepared = await run_in_threadpool(_prepare, registry, settings, image, info, limits, choice)
     # The opened image now holds the decoded pixels (up to MAX_IMAGE_PIXELS): let them go before
     # waiting for the model, so that only the slots' images are ever in memory at full size.
     del image, data
@@ -163,7 +166,7 @@ async def predict_image(
     loaded = prepared.loaded
     if await request.is_disconnected():  # and its place in the model's queue
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    if loaded.batcher is not None and loaded.backend is not None and not loaded.light:
+    if loaded.batched:
         # awaited here, not in a worker thread: requests decode while others' batches run
         probabilities = await asyncio.wrap_future(loaded.batcher.submit(loaded.backend, prepared.pixels))
     else:
@@ -217,12 +220,17 @@ class _Prepared:
 
 
 def _prepare(
-    registry: ModelRegistry, settings: Settings, image: Image.Image, info: dict, choice: _Choice
+    registry: ModelRegistry,
+    settings: Settings,
+    image: Image.Image,
+    info: dict,
+    limits: DecodeLimits,
+    choice: _Choice,
 ) -> _Prepared:
     """Decode the upload, resolve and load the model, and preprocess (blocking: run in a thread
     unless the model is light). Raises ``HTTPException`` 422 for a model that does not fit the
     request, ``ImageRejected`` and the ``CheckpointStore`` errors (answered by the handlers)."""
-    image = load_image(image, info, DecodeLimits.from_settings(settings))
+    image = load_image(image, info, limits)
     info = {k: v for k, v in info.items() if k != "cost"}
     try:
         checkpoint, alias = registry.resolve_with_alias(
