@@ -180,6 +180,16 @@ def test_unknown_or_repeated_form_fields_are_422(lenet_stack):
             ],
         )
         assert twice.status_code == 422 and "task" in twice.json()["detail"]
+        mixed = client.post(  # a built-in task and an uploaded dataset name no one model family
+            "/predict",
+            files={"file": ("d.png", digit_png())},
+            data={"task": "mnist_lenet5", "dataset": "0" * 32},
+        )
+        assert mixed.status_code == 422 and "give task or dataset, not both" in mixed.json()["detail"]
+        uploads = client.post(  # each upload has its own classes: the task alone cannot choose
+            "/predict", files={"file": ("d.png", digit_png())}, data={"task": "custom_resnet18"}
+        )
+        assert uploads.status_code == 422 and "give dataset=<id>" in uploads.json()["detail"]
         assert loads == []
         empty = client.post(  # as Swagger UI sends its empty fields: empty counts as absent
             "/predict",

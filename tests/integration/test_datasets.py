@@ -242,7 +242,10 @@ def test_hostile_archives_get_their_documented_outcome(make_stack, start_worker,
         for name in ("zip slip", "one class"):
             refused = submit_custom(client, ids[name], epochs=1, weights="none")
             assert refused.status_code == 422, refused.text
-            assert f"dataset {ids[name]} is failed, not ready" in refused.json()["detail"]
+            assert (
+                f"dataset {ids[name]} is failed, not ready: GET /datasets/{ids[name]} says why"
+                in (refused.json()["detail"])
+            )
         assert client.get("/jobs").json()["count"] == 0
         assert stack.redis().llen(queue_key(stack)) == queue
         after = upload(client, zip_bytes(class_images({"x": 2, "y": 2})))

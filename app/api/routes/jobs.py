@@ -147,6 +147,11 @@ def _dataset_unusable(dataset: str, dataset_status: DatasetStatus | None) -> str
     """The 422 message for a dataset that is missing (``dataset_status`` None) or not ready."""
     if dataset_status is None:
         return f"no dataset with id {dataset}: upload it with POST /datasets"
+    if dataset_status == DatasetStatus.failed:
+        return (
+            f"dataset {dataset} is failed, not ready: GET /datasets/{dataset} says why; upload a fixed "
+            "archive with POST /datasets"
+        )
     return f"dataset {dataset} is {dataset_status}, not ready: wait for GET /datasets/{dataset} to say ready"
 
 

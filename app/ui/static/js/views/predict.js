@@ -80,7 +80,8 @@ export function render(root, params) {
     );
     if (params.model) target.value = `model:${params.model}`;
     else if (params.task) target.value = `task:${params.task}`;
-    else if (models[0]?.task) target.value = `task:${models[0].task}`;
+    // the newest model's task when it is offered by task; a model of an upload by its id
+    else if (models[0]) target.value = taskNames.includes(models[0].task) ? `task:${models[0].task}` : `model:${models[0].id}`;
   })();
 
   async function classify(file) {
