@@ -16,8 +16,10 @@ BODY_METHODS = {"post", "put", "patch"}
 # Multipart bodies whose form needs one of these fields (declared as anyOf-required).
 # (`alias` goes with `task`, so it is not one of them.)
 ONE_OF_FIELDS: dict[str, tuple[str, ...]] = {"/predict": ("task", "model_id", "dataset")}
-# Multipart fields that exclude each other (a 422 when sent together).
-EXCLUSIVE_FIELDS: dict[str, tuple[str, str]] = {"/predict": ("model_id", "alias")}
+# Pairs of multipart fields that exclude each other (a 422 when sent together).
+EXCLUSIVE_FIELDS: dict[str, list[tuple[str, str]]] = {
+    "/predict": [("model_id", "alias"), ("task", "dataset")]
+}
 # Multipart bodies that refuse unknown fields (a typo such as `topk` is a 422, not ignored).
 CLOSED_FORMS = {"/predict"}
 
@@ -144,14 +146,17 @@ def complete_openapi(schema: dict[str, Any], auth: bool = True) -> dict[str, Any
                     {"required": [f], "properties": {f: {"type": "string", "minLength": 1}}} for f in present
                 ]
                 form["description"] = f"The image, and at least one of: {', '.join(present)}."
-            exclusive = EXCLUSIVE_FIELDS.get(path)
-            if exclusive and ref:
+            pairs = EXCLUSIVE_FIELDS.get(path)
+            if pairs and ref:
                 form = components[ref.rsplit("/", 1)[-1]]
                 form["not"] = {
-                    "required": list(exclusive),
-                    "properties": {name: {"minLength": 1} for name in exclusive},
+                    "anyOf": [
+                        {"required": list(pair), "properties": {name: {"minLength": 1} for name in pair}}
+                        for pair in pairs
+                    ]
                 }
-                form["description"] = form.get("description", "") + f" Not both {' and '.join(exclusive)}."
+                rules = "; ".join(f"not both {first} and {second}" for first, second in pairs)
+                form["description"] = form.get("description", "") + f" {rules[0].upper()}{rules[1:]}."
     return schema
 
 

@@ -81,6 +81,17 @@ def builtin_datasets() -> dict[str, tuple[str, tuple[str, ...]]]:
     return found
 
 
+def builtin_tasks() -> list[str]:
+    """Names of the tasks that train on a built-in dataset, in registry order (``/predict``
+    chooses their models by task; models of uploads are chosen by dataset)."""
+    return [name for name, card in CARDS.items() if card.dataset is not None]
+
+
+BuiltinTaskName = Literal[tuple(builtin_tasks())]  # type: ignore[valid-type]
+"""The built-in tasks' names as a pydantic type (``cifar10_dense``, ``mnist_lenet5``,
+``hymenoptera_resnet18``)."""
+
+
 def upload_task() -> str:
     """The task that trains on uploaded datasets (``custom_resnet18``)."""
     (name,) = [name for name, card in CARDS.items() if card.dataset is None]

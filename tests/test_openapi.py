@@ -190,9 +190,9 @@ def test_predict_form_fields_are_text_or_absent_and_unknown_ones_refused(schema)
     assert form["additionalProperties"] is False
     for name, prop in form["properties"].items():
         assert {"type": "null"} not in prop.get("anyOf", []), name
-    assert form["properties"]["task"]["enum"] == [
-        "cifar10_dense",
-        "mnist_lenet5",
-        "hymenoptera_resnet18",
-        "custom_resnet18",
+    # models of uploaded datasets (custom_resnet18) are chosen by dataset, not by task
+    assert form["properties"]["task"]["enum"] == ["cifar10_dense", "mnist_lenet5", "hymenoptera_resnet18"]
+    assert form["not"]["anyOf"] == [
+        {"required": [a, b], "properties": {a: {"minLength": 1}, b: {"minLength": 1}}}
+        for a, b in (("model_id", "alias"), ("task", "dataset"))
     ]

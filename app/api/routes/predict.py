@@ -24,7 +24,7 @@ from core.datasets import DATASET_ID_PATTERN
 from core.images import DecodeLimits, ImageRejected, InvertChoice, NormalizeChoice, load_image, open_image
 from models_store.aliases import ALIAS_PATTERN
 from models_store.checkpoint import MODEL_ID_PATTERN
-from tasks import TaskName, upload_task
+from tasks import BuiltinTaskName
 from tasks.base import Preset
 
 router = APIRouter(tags=["predict"], route_class=FileFormRoute)
@@ -72,8 +72,14 @@ async def predict_image(
     registry: RegistryDep,
     settings: SettingsDep,
     task: Annotated[
-        TaskName | None,
-        Form(description="Use the newest valid model of this task.", examples=["mnist_lenet5"]),
+        BuiltinTaskName | None,
+        Form(
+            description=(
+                "Use the production (else the newest valid) model of this built-in task; models of "
+                "uploaded datasets are chosen by `dataset` (or `model_id`)."
+            ),
+            examples=["mnist_lenet5"],
+        ),
     ] = None,
     model_id: Annotated[
         str | None,
@@ -133,7 +139,7 @@ async def predict_image(
     _check_form_fields(await request.form())
     if not task and not model_id and not dataset:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "give either task, dataset or model_id")
-    _check_task_and_dataset(task, dataset, model_id)
+    _check_task_and_dataset(task, dataset)
 
     data = await file.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
@@ -175,21 +181,14 @@ async def predict_image(
     return _respond(prepared, probabilities, top_k)
 
 
-def _check_task_and_dataset(task: str | None, dataset: str | None, model_id: str | None) -> None:
-    """422 for a choice that names no single model family: a built-in task together with an
-    uploaded dataset, or the upload task without the dataset (each upload has its own classes)."""
-    uploads = upload_task()
-    if task and dataset and task != uploads:
+def _check_task_and_dataset(task: str | None, dataset: str | None) -> None:
+    """422 for a built-in task together with an uploaded dataset: they name two model families
+    (the OpenAPI document declares the pair exclusive)."""
+    if task and dataset:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"dataset chooses a model of an uploaded dataset ({uploads}); {task} models are chosen by "
-            "task: give task or dataset, not both",
-        )
-    if task == uploads and not dataset and not model_id:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"{uploads} models are chosen by the dataset they were trained on: give dataset=<id> "
-            "(GET /datasets) or model_id",
+            f"dataset chooses a model of an uploaded dataset, task one of {task}: give task or dataset, "
+            "not both",
         )
 
 
