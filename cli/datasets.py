@@ -1,8 +1,10 @@
-"""Wait for an uploaded dataset's ingestion: poll GET /datasets/{id} until it is ``ready`` or
-``failed``, drawing the decoding progress (archive entries done of total) with rich."""
+"""Uploaded datasets on the command line: find one by its name, and wait for its ingestion (poll
+GET /datasets/{id} until it is ``ready`` or ``failed``, drawing the decoding progress, archive
+entries done of total, with rich)."""
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -14,6 +16,31 @@ from cli.client import ApiError, Client
 from cli.follow import RETRY_DELAYS_S
 
 INGESTING = "ingesting"
+DATASET_ID = re.compile(r"[0-9a-f]{32}")
+
+
+class DatasetNameUnknown(Exception):
+    """A dataset reference that is neither an id nor the name of exactly one dataset; the message
+    says which ids to use instead."""
+
+
+def resolve_dataset(client: Client, reference: str) -> str:
+    """The dataset id that ``reference`` means: an id (32 hex digits) or a built-in dataset's name
+    as it is, else the name given at upload time, when exactly one dataset has it (GET /datasets).
+
+    Raises ``DatasetNameUnknown`` (no dataset, or several, of that name) and ``ApiError``.
+    """
+    page = client.get("/datasets")
+    records = page["data"]
+    if DATASET_ID.fullmatch(reference) or any(r.get("builtin") and r["id"] == reference for r in records):
+        return reference
+    named = [r["id"] for r in records if r.get("name") == reference]
+    if len(named) == 1:
+        return named[0]
+    if not named:
+        raise DatasetNameUnknown(f"no dataset with id or name {reference!r}: imgclf datasets ls lists them")
+    ids = ", ".join(named)
+    raise DatasetNameUnknown(f"{len(named)} datasets are named {reference!r}: give one of their ids, {ids}")
 
 
 def wait_dataset(

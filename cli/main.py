@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.client import FINAL_STATUSES, ApiError, Client, eval_accuracy
-from cli.datasets import INGESTING, wait_dataset
+from cli.datasets import INGESTING, DatasetNameUnknown, resolve_dataset, wait_dataset
 from cli.follow import follow_job
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -93,6 +93,14 @@ def run(call, hint: Callable[[ApiError], str | None] | None = None):
         raise fail(f"error: {exc}" + (f"\n{advice}" if advice else "")) from None
     except httpx.HTTPError as exc:
         raise fail(f"error: cannot reach the API at {_url(exc)}: {exc}") from None
+
+
+def dataset_id_of(client: Client, reference: str) -> str:
+    """``resolve_dataset`` for a command: an unknown or ambiguous name exits 1 with the reason."""
+    try:
+        return run(lambda: resolve_dataset(client, reference))
+    except DatasetNameUnknown as exc:
+        raise fail(f"error: {exc}") from None
 
 
 def _url(exc: httpx.HTTPError) -> str:
@@ -183,12 +191,14 @@ def train(
         typer.Option("--follow", "-f", help="Show progress until the job ends; exit 1 unless it succeeds."),
     ] = False,
     dataset: Annotated[
-        str | None, typer.Option(help="custom_resnet18: the id of an uploaded dataset (GET /datasets).")
+        str | None,
+        typer.Option(help="custom_resnet18: an uploaded dataset, by id or by its unique name (datasets ls)."),
     ] = None,
 ) -> None:
     """Submit a training job."""
     client = _client(ctx)
     hyperparameters = parse_set(set_ or [])
+    dataset = dataset_id_of(client, dataset) if dataset else None
     body = {"task": task, "hyperparameters": hyperparameters} | ({"dataset": dataset} if dataset else {})
     job = run(lambda: client.post_json("/jobs", body))
     out.print(f"job {job['id']} {job['status']} ({task})")
@@ -271,6 +281,13 @@ def jobs_cancel(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="
     out.print(f"job {job['id']} {job['status']}{note}")
 
 
+def uploaded_dataset(model: dict) -> str | None:
+    """The id of the uploaded dataset a model was trained on (its ``name``, where that is not its
+    task), else None."""
+    name = model.get("name")
+    return name if name and name != model.get("task") else None
+
+
 @models_app.command("ls")
 def models_ls(
     ctx: typer.Context,
@@ -282,13 +299,14 @@ def models_ls(
     params = {"limit": limit} | ({"task": task} if task else {})
     page = run(lambda: client.get("/models", params=params))
     table = Table(title=f"{len(page['data'])} of {page['count']} models", title_justify="left")
-    for column in ("id", "task", "test/val acc", "epochs", "aliases", "created", "valid"):
+    for column in ("id", "task", "dataset", "test/val acc", "epochs", "aliases", "created", "valid"):
         table.add_column(column, no_wrap=column == "id")
     for model in page["data"]:
         final = (model.get("metrics") or {}).get("final") or {}
         table.add_row(
             model["id"],
             model.get("task") or "—",
+            uploaded_dataset(model) or "—",
             percent(eval_accuracy(final)),
             str(final.get("epoch", "—")),
             ", ".join(model.get("aliases") or []) or "—",
@@ -309,6 +327,7 @@ def models_show(ctx: typer.Context, model_id: Annotated[str, typer.Argument(help
             [
                 ("id", model["id"]),
                 ("task", model.get("task")),
+                ("dataset", uploaded_dataset(model) or "—"),
                 ("valid", "yes" if model.get("valid") else f"no: {model.get('error')}"),
                 ("test/val accuracy", percent(eval_accuracy(final))),
                 ("created", model.get("created_at")),
@@ -445,13 +464,16 @@ def datasets_ls(ctx: typer.Context) -> None:
 @datasets_app.command("show")
 def datasets_show(
     ctx: typer.Context,
-    dataset_id: Annotated[str, typer.Argument(help="Dataset id (or mnist, cifar10, hymenoptera).")],
+    dataset_id: Annotated[
+        str, typer.Argument(help="Dataset id or unique name (or mnist, cifar10, hymenoptera).")
+    ],
     skipped: Annotated[
         int, typer.Option("--skipped", min=0, help="List at most this many skipped files (0: none).")
     ] = SKIPPED_SHOWN,
 ) -> None:
     """Show a dataset: status (or why it failed), classes, images per split and class, skipped files."""
     client = _client(ctx)
+    dataset_id = dataset_id_of(client, dataset_id)
     record = run(lambda: client.get(f"/datasets/{dataset_id}"))
     progress = record.get("progress") or {}
     duplicates = record.get("duplicates") or {}
@@ -519,11 +541,13 @@ def _in_use_hint(exc: ApiError) -> str | None:
 
 @datasets_app.command("rm")
 def datasets_rm(
-    ctx: typer.Context, dataset_id: Annotated[str, typer.Argument(help="Id of an uploaded dataset.")]
+    ctx: typer.Context,
+    dataset_id: Annotated[str, typer.Argument(help="Id or unique name of an uploaded dataset.")],
 ) -> None:
     """Delete an uploaded dataset and its files (models trained on it stay). Refused while a queued
     or running job uses it."""
     client = _client(ctx)
+    dataset_id = dataset_id_of(client, dataset_id)
     run(lambda: client.delete(f"/datasets/{dataset_id}"), hint=_in_use_hint)
     out.print(f"dataset {dataset_id} deleted", markup=False)
 
@@ -537,7 +561,8 @@ def predict(
     task: Annotated[str | None, typer.Option(help="Use the newest valid model of this task.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Use this model id.")] = None,
     dataset: Annotated[
-        str | None, typer.Option(help="Use the production (else newest) model of this uploaded dataset.")
+        str | None,
+        typer.Option(help="The production (else newest) model of this uploaded dataset (id or name)."),
     ] = None,
     alias: Annotated[
         str | None, typer.Option(help="With --task or --dataset: the model carrying this alias.")
@@ -550,6 +575,7 @@ def predict(
     if not task and not model and not dataset:
         raise typer.BadParameter("give --task, --model or --dataset", param_hint="--task/--model/--dataset")
     client = _client(ctx)
+    dataset = dataset_id_of(client, dataset) if dataset else None
     optional = {"task": task, "model_id": model, "dataset": dataset, "alias": alias}
     form = {"top_k": str(top_k)} | {name: value for name, value in optional.items() if value}
     failed = 0

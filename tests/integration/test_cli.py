@@ -217,8 +217,9 @@ def test_datasets_upload_wait_ls_show_rm(cli_stack, tmp_path):
     assert re.search(rf"{dataset_id}\W+pets\W+ready\W+3\W+{train} train / {val} val\W", listing.stdout)
     assert re.search(r"\bhymenoptera\W+hymenoptera\W+ready\W+2\W", listing.stdout), listing.stdout
 
-    shown = imgclf(api.url, "datasets", "show", dataset_id)
+    shown = imgclf(api.url, "datasets", "show", "pets")  # by its name, the only dataset named so
     assert shown.returncode == 0, shown.stderr
+    assert re.search(rf"id\s+{dataset_id}\b", shown.stdout), shown.stdout
     assert re.search(r"classes\s+3: birds, cats, dogs", shown.stdout), shown.stdout
     assert re.search(r"skipped\s+3\b", shown.stdout) and "Skipped files (3 of 3)" in shown.stdout
     for name in ("birds/b.txt", "cats/notes.txt", "dogs/a.txt"):
@@ -232,7 +233,7 @@ def test_datasets_upload_wait_ls_show_rm(cli_stack, tmp_path):
         "train",
         "custom_resnet18",
         "--dataset",
-        dataset_id,
+        "pets",
         "--set",
         "epochs=50",
         "--set",
@@ -240,6 +241,11 @@ def test_datasets_upload_wait_ls_show_rm(cli_stack, tmp_path):
     )
     assert submitted.returncode == 0, submitted.stderr
     job_id = re.search(r"job ([0-9a-f]{32}) queued", submitted.stdout).group(1)
+    assert httpx.get(f"{api.url}/jobs/{job_id}").json()["dataset"] == dataset_id
+    unknown = imgclf(api.url, "datasets", "show", "kittens")
+    assert unknown.returncode == 1
+    expected = "error: no dataset with id or name 'kittens': imgclf datasets ls lists them"
+    assert unknown.stderr.strip() == expected
     refused = imgclf(api.url, "datasets", "rm", dataset_id)
     assert refused.returncode == 1 and refused.stdout == ""
     assert refused.stderr.splitlines() == [

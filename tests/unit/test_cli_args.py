@@ -6,7 +6,7 @@ import pytest
 import typer
 
 from cli.client import format_detail
-from cli.main import parse_set
+from cli.main import parse_set, uploaded_dataset
 
 
 def test_set_values_are_json_when_they_can_be():
@@ -61,3 +61,9 @@ def test_split_counts_and_in_use_hint():
     assert f"imgclf jobs cancel {job}" in _in_use_hint(in_use)
     assert _in_use_hint(ApiError(409, "Conflict", "mnist is built in and cannot be deleted")) is None
     assert _in_use_hint(ApiError(404, "Not Found", f"job {job} is queued or running")) is None
+
+
+def test_models_of_uploaded_datasets_name_their_dataset():
+    assert uploaded_dataset({"task": "custom_resnet18", "name": "3b" * 16}) == "3b" * 16
+    assert uploaded_dataset({"task": "mnist_lenet5", "name": "mnist_lenet5"}) is None
+    assert uploaded_dataset({"task": None, "name": None}) is None
