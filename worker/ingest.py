@@ -130,12 +130,12 @@ def ingest_dataset(dataset_id: str, settings: Settings) -> str:
         progress({"stage": "listing"}, force=True)
         result = build_dataset(folder, settings, progress=progress)
     except _Deleted:
-        log.info("dataset %s was deleted while ingesting; its files are removed", dataset_id)
-        shutil.rmtree(folder, ignore_errors=True)
-        return "missing"
+        return _deleted(dataset_id, folder)
     except IngestFailed as exc:
         return _fail(store, record, folder, str(exc))
     except OSError as exc:
+        if _gone(store, dataset_id):  # DELETE removed its files before the next progress write
+            return _deleted(dataset_id, folder)
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             return _fail(store, record, folder, f"disk full while writing {folder}: {exc.strerror}")
         log.exception("dataset %s: ingestion failed", dataset_id)
@@ -151,6 +151,19 @@ def ingest_dataset(dataset_id: str, settings: Settings) -> str:
     (folder / UPLOAD_FILE).unlink(missing_ok=True)  # the decoded cache is the dataset now
     log.info("dataset %s ready in %.1f s: %s", dataset_id, time.perf_counter() - started, ready.images)
     return DatasetStatus.ready.value
+
+
+def _gone(store: DatasetStore, dataset_id: str) -> bool:
+    try:
+        return store.get(dataset_id) is None
+    except Exception:  # Redis down or a damaged record: not known to be deleted
+        return False
+
+
+def _deleted(dataset_id: str, folder: Path) -> str:
+    log.info("dataset %s was deleted while ingesting; its files are removed", dataset_id)
+    shutil.rmtree(folder, ignore_errors=True)
+    return "missing"
 
 
 def _fail(store: DatasetStore, record: DatasetRecord, folder: Path, error: str) -> str:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import resource
+import shutil
 import signal
 import time
 from urllib.parse import unquote
@@ -41,6 +43,7 @@ from tests.factories_datasets import (
     zip_with_huge_entry,
 )
 from tests.factories_models import make_model_checkpoint
+from worker import ingest
 
 pytestmark = pytest.mark.integration
 
@@ -135,6 +138,31 @@ def test_store_outcomes_of_update_attach_and_delete(stack):
     assert datasets.delete(record.id, jobs_prefix) == DeleteResult(outcome=DeleteOutcome.missing)
     assert datasets.update(ready) is UpdateOutcome.missing
     assert datasets.attach_job(record.id, job.id) == AttachResult(outcome=AttachOutcome.missing)
+
+
+def test_a_dataset_deleted_while_its_files_are_read_ends_missing_without_an_error(
+    stack, tmp_path, monkeypatch, caplog
+):
+    """DELETE removes the files under the worker's feet: its next read fails before its next
+    progress write notices. That is a deletion (info), not a failed ingestion (error)."""
+    settings = stack.settings().model_copy(update={"datasets_dir": tmp_path / "datasets"})
+    client = redis_client(settings.redis_url, 2.0)
+    datasets = DatasetStore(client, settings.redis_prefix)
+    record = DatasetRecord(id="d" * 32, name="gone", status=DatasetStatus.ingesting)
+    datasets.create(record)
+    (tmp_path / "datasets" / record.id).mkdir(parents=True)
+
+    def deleted_meanwhile(folder, settings, progress):
+        datasets.delete(record.id, f"{settings.redis_prefix}:job:")
+        shutil.rmtree(folder)
+        raise FileNotFoundError(2, "No such file or directory", str(folder / "upload.bin"))
+
+    monkeypatch.setattr(ingest, "build_dataset", deleted_meanwhile)
+    with caplog.at_level(logging.INFO, logger=ingest.__name__):
+        assert ingest.ingest_dataset(record.id, settings) == "missing"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert "deleted while ingesting" in caplog.text
+    assert datasets.get(record.id) is None and not (tmp_path / "datasets" / record.id).exists()
 
 
 def test_bad_upload_requests_are_refused_and_leave_nothing(stack, tmp_path):
@@ -272,6 +300,26 @@ def test_disk_full_while_ingesting_fails_cleanly(make_stack, start_worker, tmp_p
         # the same bytes again: a failed dataset is retried (and fails the same way here)
         assert upload(client, archive).status_code == 202
         assert wait_dataset(client, dataset_id)["status"] == "failed"
+
+
+def test_disk_full_while_receiving_the_upload_is_507_and_leaves_no_part_file(make_stack, tmp_path):
+    stack = make_stack(datasets_dir=tmp_path / "datasets")
+    archive = zip_bytes({**class_images({"a": 2, "b": 2}), "a/filler.bin": os.urandom(300_000)})
+    assert len(archive) > 256 << 10
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    with api_client(stack) as client:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (128 << 10, hard))  # this process: the API's
+        try:
+            response = upload(client, archive)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, previous)
+        assert response.status_code == 507, response.text
+        assert "could not store the upload" in response.json()["detail"]
+        assert client.get("/datasets").json()["count"] == 3  # the built-in ones only
+    leftovers = [p for p in (tmp_path / "datasets").rglob("*") if p.is_file()]
+    assert leftovers == [], leftovers
 
 
 # Training on an uploaded dataset -------------------------------------------------------------

@@ -98,6 +98,7 @@ export function render(root, { id }) {
       const perEpoch = Array.isArray(model.metrics?.epochs) ? model.metrics.epochs : [];
       const facts = [
         ["task", model.task || "—"],
+        ...(model.name && model.name !== model.task ? [["dataset", h("a", { href: `/datasets/${model.name}`, class: "mono" }, model.name)]] : []),
         ["valid", model.valid ? "yes" : `no: ${model.error}`],
         [final.val_accuracy != null ? "val accuracy" : "test accuracy", percent(evalAccuracy(final), 2)],
         ["created", when(model.created_at)],

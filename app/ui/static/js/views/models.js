@@ -36,7 +36,7 @@ export function render(root) {
                 "tr",
                 { dataset: { model: model.id } },
                 h("td", { class: "mono" }, h("a", { href: `#/models/${model.id}` }, model.id)),
-                h("td", {}, model.task || "—"),
+                h("td", {}, model.task || "—", model.name && model.name !== model.task ? h("div", { class: "muted mono", title: "uploaded dataset" }, `dataset ${model.name.slice(0, 8)}…`) : null),
                 h("td", { class: "num" }, percent(evalAccuracy(final), 2)),
                 h("td", { class: "num" }, final.epoch ?? "—"),
                 h("td", {}, (model.aliases || []).map((a) => h("span", { class: "tag" }, a))),
