@@ -91,6 +91,7 @@ class ModelRegistry:
         inline_ms: a model whose one-image forward pass takes less than this (ms) is "light": it
             skips the batcher, and ``runs_inline`` says its small uploads can be classified in
             the calling thread (0: never).
+        precision: ``fp32`` or ``bf16`` (``INFERENCE_PRECISION``, see ``app.serving.build_backend``).
     """
 
     INLINE_MAX_UPLOAD_BYTES = 256 * 1024
@@ -106,6 +107,7 @@ class ModelRegistry:
         threads: int = 1,
         batcher: MicroBatcher | None = None,
         inline_ms: float = 0.0,
+        precision: str = "fp32",
     ):
         self.store = store
         self.cache_size = cache_size
@@ -113,6 +115,7 @@ class ModelRegistry:
         self.device = torch.device(device)
         self.backend = backend
         self.threads = threads
+        self.precision = precision
         self.batcher = batcher
         self.inline_ms = inline_ms
         self._recent_by_task: dict[str, LoadedModel] = {}
@@ -227,7 +230,7 @@ class ModelRegistry:
             raise CheckpointInvalid(
                 f"model {model_id}: metadata lists {len(classes)} classes, the weights have {outputs} outputs"
             )
-        backend = build_backend(model, preset, self.device, self.backend, self.threads)
+        backend = build_backend(model, preset, self.device, self.backend, self.threads, self.precision)
         infer_ms = _forward_ms(backend, preset)
         light = infer_ms < self.inline_ms
         log.info(

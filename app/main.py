@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             threads=settings.inference_threads,
             batcher=MicroBatcher(max_batch, settings.inference_max_wait_ms / 1000),
             inline_ms=settings.inference_inline_ms,
+            precision=settings.inference_precision,
         )
         app.state.exports = ExportCache(settings.cache_dir / "exports")
         app.state.celery = make_celery(settings)

@@ -9,6 +9,8 @@ probabilities, here) and ``postprocess`` (top-k). The middle stage is where batc
   as fast as eager PyTorch for ResNet18 on one thread, with the same outputs (checked on every
   load: ``build_backend`` compares it with PyTorch and keeps PyTorch if they differ by more than
   ``PARITY_ATOL`` in any probability).
+* ``TorchBackend`` with ``dtype=torch.bfloat16`` (``INFERENCE_PRECISION=bf16``) runs the module in
+  bfloat16: other maths, opt-in, where the hardware has it natively.
 * ``MicroBatcher`` collects concurrent requests into batches for one inference thread: whatever
   is queued when the thread is free (at most ``max_batch``), waiting at most ``max_wait_s`` for
   more. With one request at a time it adds no wait (``max_wait_s`` 0, the default).
@@ -44,21 +46,24 @@ Backend = Callable[[torch.Tensor], torch.Tensor]
 
 class TorchBackend:
     """The PyTorch module on ``device``: uint8 (N, C, H, W) -> float32 (N, classes) probabilities
-    on the CPU."""
+    on the CPU. With ``dtype=torch.bfloat16`` the weights and activations are bfloat16 (the input
+    is normalised in float32 first, the softmax is taken in float32)."""
 
-    name = "torch"
-
-    def __init__(self, model: torch.nn.Module, preset: Preset, device: torch.device):
+    def __init__(
+        self, model: torch.nn.Module, preset: Preset, device: torch.device, dtype: torch.dtype = torch.float32
+    ):
         # convolutional nets run channels-last, as they were trained (oneDNN's faster layout)
         self.channels_last = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
-        self.model = model.to(device, memory_format=memory_format).eval()
+        self.model = model.to(device, dtype=dtype, memory_format=memory_format).eval()
         self.preset = preset
         self.device = device
+        self.dtype = dtype
+        self.name = "torch" if dtype == torch.float32 else "torch-bf16"
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            batch = self.preset.normalize(pixels.to(self.device, non_blocking=True))
+            batch = self.preset.normalize(pixels.to(self.device, non_blocking=True)).to(self.dtype)
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             logits = self.model(batch)
@@ -131,8 +136,21 @@ def release_freed_memory() -> None:
         trim(0)
 
 
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA device that supports it, or a CPU
+    that oneDNN runs bf16 on (AVX512-BF16 or AMX); elsewhere it is emulated, slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def build_backend(
-    model: torch.nn.Module, preset: Preset, device: torch.device, backend: str = "auto", threads: int = 1
+    model: torch.nn.Module,
+    preset: Preset,
+    device: torch.device,
+    backend: str = "auto",
+    threads: int = 1,
+    precision: str = "fp32",
 ) -> Backend:
     """The inference backend of one loaded model.
 
@@ -143,6 +161,8 @@ def build_backend(
         backend: ``torch``, ``onnxruntime`` or ``auto`` (ONNX Runtime on the CPU when it loads and
             agrees with PyTorch, else PyTorch).
         threads: intra-op threads of ONNX Runtime.
+        precision: ``fp32``, or ``bf16``: PyTorch in bfloat16 (``backend`` is then not used), where
+            ``bf16_is_native`` (else fp32, with a warning).
 
     Returns:
         a callable uint8 (N, C, H, W) -> float32 (N, classes) probabilities on the CPU, with a
@@ -150,6 +170,12 @@ def build_backend(
         probability off by more than ``PARITY_ATOL`` on the parity images) falls back to PyTorch
         with a warning.
     """
+    if precision == "bf16":
+        if bf16_is_native(device):
+            return TorchBackend(model, preset, device, dtype=torch.bfloat16)
+        log.warning(
+            "INFERENCE_PRECISION=bf16: %s has no native bfloat16, serving %s in fp32", device, preset.task
+        )
     torch_backend = TorchBackend(model, preset, device)
     if backend == "torch" or device.type != "cpu":
         return torch_backend

@@ -13,7 +13,15 @@ import torch
 from PIL import Image
 
 from app.inference import ModelRegistry, infer, predict
-from app.serving import PARITY_ATOL, MicroBatcher, OnnxBackend, TorchBackend, build_backend, parity_difference
+from app.serving import (
+    PARITY_ATOL,
+    MicroBatcher,
+    OnnxBackend,
+    TorchBackend,
+    bf16_is_native,
+    build_backend,
+    parity_difference,
+)
 from models_store.checkpoint import CheckpointStore
 from tasks import get_task
 from tests.factories_models import make_model_checkpoint
@@ -56,6 +64,25 @@ def test_a_backend_that_disagrees_with_pytorch_is_not_used(monkeypatch):
     backend = build_backend(model, preset, torch.device("cpu"), "auto")
     assert isinstance(backend, TorchBackend)
     assert parity_difference(backend, Wrong(model, preset), preset) > PARITY_ATOL
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_bf16_precision_serves_bfloat16_close_to_fp32_where_native(tmp_path, task, caplog):
+    store = CheckpointStore(tmp_path)
+    model_id = make_model_checkpoint(tmp_path, task)
+    reference = ModelRegistry(store, backend="torch").get(store.get(model_id))
+    loaded = ModelRegistry(store, backend="auto", precision="bf16").get(store.get(model_id))
+    images = _images(task, 6, seed=5)
+    expected, got = infer(reference, images), infer(loaded, images)
+    assert got.dtype == torch.float32 and torch.allclose(got.sum(1), torch.ones(6), atol=1e-5)
+    if not bf16_is_native(torch.device("cpu")):
+        assert loaded.backend.name != "torch-bf16" and "no native bfloat16" in caplog.text
+        return
+    assert loaded.backend.name == "torch-bf16"
+    weights = [t for t in loaded.backend.model.state_dict().values() if t.is_floating_point()]
+    assert weights and all(t.dtype == torch.bfloat16 for t in weights)
+    difference = float((got - expected).abs().max())
+    assert 0 < difference < 0.05  # other maths: close, not equal
 
 
 def test_micro_batcher_batches_concurrent_requests_and_keeps_each_result():
