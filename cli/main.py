@@ -533,10 +533,14 @@ def datasets_show(
 
 def _in_use_hint(exc: ApiError) -> str | None:
     """Advice under DELETE /datasets/{id}'s 409 when a job uses the dataset."""
-    in_use = re.search(r"job ([0-9a-f]{32}) is queued or running", str(exc.detail))
+    in_use = re.search(r"jobs? ([0-9a-f, ]+) (?:is|are) queued or running", str(exc.detail))
     if exc.status != 409 or not in_use:
         return None
-    return f"cancel it (imgclf jobs cancel {in_use.group(1)}) or wait until it ends, then remove the dataset"
+    ids = re.findall(r"[0-9a-f]{32}", in_use.group(1))
+    if len(ids) == 1:
+        return f"cancel it (imgclf jobs cancel {ids[0]}) or wait until it ends, then remove the dataset"
+    commands = "; ".join(f"imgclf jobs cancel {job_id}" for job_id in ids)
+    return f"cancel them ({commands}) or wait until they end, then remove the dataset"
 
 
 @datasets_app.command("rm")

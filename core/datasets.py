@@ -206,10 +206,12 @@ return 'ok'
 _DELETE = """
 local current = redis.call('GET', KEYS[1])
 if not current then return {'missing', ''} end
+local busy = {}
 for _, job_id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
   local status = redis.call('HGET', ARGV[1] .. job_id, 'status')
-  if status == 'queued' or status == 'running' then return {'in_use', job_id} end
+  if status == 'queued' or status == 'running' then table.insert(busy, job_id) end
 end
+if #busy > 0 then return {'in_use', table.concat(busy, ',')} end
 redis.call('DEL', KEYS[1], KEYS[3])
 redis.call('ZREM', KEYS[2], ARGV[2])
 return {'deleted', ''}
@@ -239,14 +241,15 @@ class DeleteOutcome(StrEnum):
 
     deleted = "deleted"
     missing = "missing"  # no such dataset
-    in_use = "in_use"  # a queued or running job trains on it (``DeleteResult.job_id``): unchanged
+    in_use = "in_use"  # queued or running jobs train on it (``DeleteResult.job_ids``): unchanged
 
 
 class DeleteResult(BaseModel):
-    """Outcome of ``DatasetStore.delete``, with the job that uses the dataset when ``in_use``."""
+    """Outcome of ``DatasetStore.delete``, with the jobs that use the dataset when ``in_use``
+    (sorted)."""
 
     outcome: DeleteOutcome
-    job_id: str | None = None
+    job_ids: list[str] = []
 
 
 class AttachOutcome(StrEnum):
@@ -328,12 +331,12 @@ class DatasetStore:
         return UpdateOutcome(outcome)
 
     def delete(self, dataset_id: str, job_key_prefix: str) -> DeleteResult:
-        """Delete the record unless in use: ``deleted``, ``missing`` or ``in_use`` with the id of a
-        queued or running job that trains on it. An ingestion in progress notices at its next
+        """Delete the record unless in use: ``deleted``, ``missing`` or ``in_use`` with the ids of
+        the queued or running jobs that train on it. An ingestion in progress notices at its next
         progress write and removes its files."""
         keys = [self.key(dataset_id), self.index_key, f"{self.key(dataset_id)}:jobs"]
-        outcome, job_id = self._delete(keys=keys, args=[job_key_prefix, dataset_id])
-        return DeleteResult(outcome=DeleteOutcome(outcome), job_id=job_id or None)
+        outcome, job_ids = self._delete(keys=keys, args=[job_key_prefix, dataset_id])
+        return DeleteResult(outcome=DeleteOutcome(outcome), job_ids=sorted(filter(None, job_ids.split(","))))
 
     def attach_job(self, dataset_id: str, job_id: str) -> AttachResult:
         """Record that ``job_id`` trains on the dataset, if it is ready: ``ok``, ``missing`` or

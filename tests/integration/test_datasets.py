@@ -131,8 +131,13 @@ def test_store_outcomes_of_update_attach_and_delete(stack):
     assert datasets.update(ready) is UpdateOutcome.status_changed  # no longer ingesting
     job, _ = jobs.create("custom_resnet18", {}, dataset=record.id)
     assert datasets.attach_job(record.id, job.id) == AttachResult(outcome=AttachOutcome.ok)
-    in_use = DeleteResult(outcome=DeleteOutcome.in_use, job_id=job.id)
+    in_use = DeleteResult(outcome=DeleteOutcome.in_use, job_ids=[job.id])
     assert datasets.delete(record.id, jobs_prefix) == in_use
+    other, _ = jobs.create("custom_resnet18", {}, dataset=record.id)
+    assert datasets.attach_job(record.id, other.id) == AttachResult(outcome=AttachOutcome.ok)
+    both = DeleteResult(outcome=DeleteOutcome.in_use, job_ids=sorted([job.id, other.id]))
+    assert datasets.delete(record.id, jobs_prefix) == both  # every job that holds it is named
+    jobs.request_cancel(other.id)
     jobs.request_cancel(job.id)  # queued: cancelled at once, so it no longer holds the dataset
     assert datasets.delete(record.id, jobs_prefix) == DeleteResult(outcome=DeleteOutcome.deleted)
     assert datasets.delete(record.id, jobs_prefix) == DeleteResult(outcome=DeleteOutcome.missing)

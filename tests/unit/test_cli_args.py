@@ -59,6 +59,12 @@ def test_split_counts_and_in_use_hint():
     job = "a" * 32
     in_use = ApiError(409, "Conflict", f"job {job} is queued or running on dataset {'b' * 32}")
     assert f"imgclf jobs cancel {job}" in _in_use_hint(in_use)
+    other = "c" * 32
+    both = ApiError(409, "Conflict", f"jobs {job}, {other} are queued or running on dataset {'b' * 32}")
+    assert _in_use_hint(both) == (
+        f"cancel them (imgclf jobs cancel {job}; imgclf jobs cancel {other}) or wait until they end, "
+        "then remove the dataset"
+    )
     assert _in_use_hint(ApiError(409, "Conflict", "mnist is built in and cannot be deleted")) is None
     assert _in_use_hint(ApiError(404, "Not Found", f"job {job} is queued or running")) is None
 

@@ -531,8 +531,8 @@ def delete_dataset(dataset_id: DatasetId, request: Request, settings: SettingsDe
     if result.outcome == DeleteOutcome.missing:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dataset with id {dataset_id}")
     if result.outcome == DeleteOutcome.in_use:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT, f"job {result.job_id} is queued or running on dataset {dataset_id}"
-        )
+        ids = result.job_ids
+        jobs = f"job {ids[0]} is" if len(ids) == 1 else f"jobs {', '.join(ids)} are"
+        raise HTTPException(status.HTTP_409_CONFLICT, f"{jobs} queued or running on dataset {dataset_id}")
     shutil.rmtree(FilePath(settings.datasets_dir) / dataset_id, ignore_errors=True)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
