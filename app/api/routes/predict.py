@@ -187,8 +187,8 @@ def _check_task_and_dataset(task: str | None, dataset: str | None) -> None:
     if task and dataset:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"dataset chooses a model of an uploaded dataset, task one of {task}: give task or dataset, "
-            "not both",
+            f"dataset chooses a model of an uploaded dataset, task a model of the built-in task {task}: "
+            "give task or dataset, not both",
         )
 
 
