@@ -24,14 +24,23 @@ class DatasetNameUnknown(Exception):
     says which ids to use instead."""
 
 
+def all_datasets(client: Client, page_size: int = 200) -> list[dict[str, Any]]:
+    """Every dataset record (built-in, then uploaded, newest first), page by page."""
+    records: list[dict[str, Any]] = []
+    while True:
+        page = client.get("/datasets", params={"offset": len(records), "limit": page_size})
+        records += page["data"]
+        if not page["data"] or len(records) >= page["count"]:
+            return records
+
+
 def resolve_dataset(client: Client, reference: str) -> str:
     """The dataset id that ``reference`` means: an id (32 hex digits) or a built-in dataset's name
     as it is, else the name given at upload time, when exactly one dataset has it (GET /datasets).
 
     Raises ``DatasetNameUnknown`` (no dataset, or several, of that name) and ``ApiError``.
     """
-    page = client.get("/datasets")
-    records = page["data"]
+    records = all_datasets(client)
     if DATASET_ID.fullmatch(reference) or any(r.get("builtin") and r["id"] == reference for r in records):
         return reference
     named = [r["id"] for r in records if r.get("name") == reference]

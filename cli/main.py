@@ -442,11 +442,14 @@ def datasets_upload(
 
 
 @datasets_app.command("ls")
-def datasets_ls(ctx: typer.Context) -> None:
+def datasets_ls(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option(help="At most this many (1-200).")] = 50,
+) -> None:
     """List datasets: the built-in ones, then the uploaded ones, newest first."""
     client = _client(ctx)
-    page = run(lambda: client.get("/datasets"))
-    table = Table(title=f"{page['count']} datasets", title_justify="left")
+    page = run(lambda: client.get("/datasets", params={"limit": limit}))
+    table = Table(title=f"{len(page['data'])} of {page['count']} datasets", title_justify="left")
     for column in ("id", "name", "status", "classes", "images", "created"):
         table.add_column(column, no_wrap=column == "id", justify="right" if column == "classes" else "left")
     for record in page["data"]:

@@ -309,9 +309,12 @@ class DatasetStore:
         raw = self.redis.get(self.key(dataset_id))
         return _parse(dataset_id, raw) if raw else None
 
-    def list(self) -> list[DatasetRecord]:
-        """Uploaded datasets, newest first (unreadable records are left out)."""
-        ids = self.redis.zrevrange(self.index_key, 0, -1)
+    def list(self, offset: int = 0, limit: int | None = None) -> tuple[list[DatasetRecord], int]:
+        """Uploaded datasets, newest first: ``limit`` of them (all if None) after skipping
+        ``offset``, and how many there are in all. Unreadable records are left out of the page
+        (still counted)."""
+        stop = -1 if limit is None else offset + limit - 1
+        ids = self.redis.zrevrange(self.index_key, offset, stop) if limit != 0 else []
         values = self.redis.mget([self.key(i) for i in ids]) if ids else []
         records = []
         for dataset_id, raw in zip(ids, values, strict=True):
@@ -320,7 +323,7 @@ class DatasetStore:
                     records.append(_parse(dataset_id, raw))
             except DatasetRecordCorrupt:
                 continue
-        return records
+        return records, self.redis.zcard(self.index_key)
 
     def update(
         self, record: DatasetRecord, only_if: DatasetStatus = DatasetStatus.ingesting

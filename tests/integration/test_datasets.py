@@ -170,6 +170,26 @@ def test_a_dataset_deleted_while_its_files_are_read_ends_missing_without_an_erro
     assert datasets.get(record.id) is None and not (tmp_path / "datasets" / record.id).exists()
 
 
+def test_the_dataset_list_is_paged_built_ins_first_then_uploads_newest_first(stack):
+    settings = stack.settings()
+    datasets = DatasetStore(redis_client(settings.redis_url, 2.0), settings.redis_prefix)
+    ids = [f"{i:x}" * 32 for i in range(1, 6)]  # created oldest first
+    for dataset_id in ids:
+        datasets.create(DatasetRecord(id=dataset_id, name="paged", status=DatasetStatus.ingesting))
+        time.sleep(0.01)
+    newest_first = ids[::-1]
+    with api_client(stack) as client:
+        everything = client.get("/datasets").json()
+        assert [d["id"] for d in everything["data"]] == ["cifar10", "mnist", "hymenoptera", *newest_first]
+        assert everything["count"] == 8
+        page = client.get("/datasets", params={"offset": 2, "limit": 3}).json()
+        assert [d["id"] for d in page["data"]] == ["hymenoptera", *newest_first[:2]] and page["count"] == 8
+        tail = client.get("/datasets", params={"offset": 6, "limit": 50}).json()
+        assert [d["id"] for d in tail["data"]] == newest_first[3:]
+        assert client.get("/datasets", params={"offset": 8}).json() == {"data": [], "count": 8}
+        assert client.get("/datasets", params={"limit": 201}).status_code == 422
+
+
 def test_bad_upload_requests_are_refused_and_leave_nothing(stack, tmp_path):
     stack.update(datasets_dir=tmp_path / "datasets", max_dataset_bytes=100_000)
     good = zip_bytes(class_images({"a": 2, "b": 2}))

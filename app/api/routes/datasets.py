@@ -485,10 +485,17 @@ def _place_upload(temporary: FilePath, folder: FilePath) -> None:
 @router.get(
     "", response_model=DatasetsPublic, summary="List datasets: built-in, then uploaded (newest first)"
 )
-def list_datasets(request: Request) -> dict:
-    uploaded = get_dataset_store(request).list()
-    data = [builtin_record(name) for name in BUILTIN_DATASETS] + uploaded
-    return {"data": data, "count": len(data)}
+def list_datasets(
+    request: Request,
+    offset: Annotated[int, Query(ge=0, le=1_000_000, description="Datasets to skip.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=200, description="Page size.")] = 50,
+) -> dict:
+    """One page of the built-in datasets followed by the uploaded ones, newest first; ``count``
+    is how many there are in all."""
+    builtins = [builtin_record(name) for name in BUILTIN_DATASETS][offset : offset + limit]
+    skip = max(offset - len(BUILTIN_DATASETS), 0)
+    uploaded, total = get_dataset_store(request).list(skip, limit - len(builtins))
+    return {"data": builtins + uploaded, "count": len(BUILTIN_DATASETS) + total}
 
 
 @router.get(

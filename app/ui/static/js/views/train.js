@@ -126,7 +126,7 @@ export function render(root, params) {
         ),
       );
       try {
-        const page = await api("/datasets");
+        const page = await api("/datasets?limit=200");
         const ready = (page.data || []).filter((d) => !d.builtin && d.status === "ready");
         fill(
           datasetSelect,
