@@ -17,7 +17,15 @@ import torch
 import torchvision
 
 from core.config import Settings
-from core.jobs import FinishOutcome, JobRecord, JobStatus, JobStore, StartOutcome, redis_client
+from core.jobs import (
+    TERMINAL_STATUSES,
+    FinishOutcome,
+    JobRecord,
+    JobStatus,
+    JobStore,
+    StartOutcome,
+    redis_client,
+)
 from models_store.checkpoint import CheckpointStore
 from tasks import get_task
 from worker.resume import ResumeStore
@@ -26,8 +34,6 @@ from worker.training import StopTraining, TrainingContext, TrainingResult, run_t
 log = logging.getLogger(__name__)
 
 CANCELLED = "cancelled"
-# start outcomes of a job that has ended: it will never run again, so its resume state can go
-_ENDED = frozenset({StartOutcome.succeeded, StartOutcome.failed, StartOutcome.cancelled})
 PROGRESS_EVENT_INTERVAL_S = 0.2  # progress is reported every 0.25 s; events at most 5/s, about 4/s
 LEASE_LOST = "lease lost"
 
@@ -135,7 +141,7 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
     )
     if start.outcome != StartOutcome.started:
         log.info("job %s not run: %s", job_id, start.outcome)
-        if start.outcome in _ENDED:  # e.g. failed after MAX_ATTEMPTS: it will never resume
+        if start.outcome in TERMINAL_STATUSES:  # e.g. failed after MAX_ATTEMPTS: it will never resume
             ResumeStore(settings.resume_dir(job_id)).clear()
         return start.outcome.value
     record = store.get(job_id)
