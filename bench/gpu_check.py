@@ -16,7 +16,8 @@ Steps, each with its own time limit, each skipped with a reason rather than fail
 3. **benchmark**: ``python -m bench.benchmark --device cuda --skip-reference`` (the product's
    recipes, cold and warm), limited in time.
 4. **peers**: the ResNet18 part of ``python -m bench.peers`` with ``--device cuda`` (this API with
-   its micro-batcher, and the peers that are installed), limited in time.
+   its micro-batcher, in fp32 and with ``INFERENCE_PRECISION=bf16``, and the peers that are
+   installed), limited in time.
 
 Prints one table: training seconds per task (``train_s``: inside the training loop, as the job
 records it) against the H200 targets (dense < 2 s, LeNet-5 < 5 s, ResNet18 fine-tune < 20 s), the
@@ -522,6 +523,8 @@ def main() -> int:
             "1",
             "--workers",
             "1",
+            "--api-variant",  # bfloat16 (opt-in, other maths) beside fp32
+            "bf16:INFERENCE_PRECISION=bf16",
             "--data-dir",
             str(data_dir),
         ]
