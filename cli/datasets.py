@@ -40,8 +40,10 @@ def resolve_dataset(client: Client, reference: str) -> str:
 
     Raises ``DatasetNameUnknown`` (no dataset, or several, of that name) and ``ApiError``.
     """
+    if DATASET_ID.fullmatch(reference):  # an id as it is: no listing needed
+        return reference
     records = all_datasets(client)
-    if DATASET_ID.fullmatch(reference) or any(r.get("builtin") and r["id"] == reference for r in records):
+    if any(r.get("builtin") and r["id"] == reference for r in records):
         return reference
     named = [r["id"] for r in records if r.get("name") == reference]
     if len(named) == 1:
