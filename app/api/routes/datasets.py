@@ -51,12 +51,6 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 
-def dataset_tasks() -> dict[str, str]:
-    """Built-in dataset name -> the (first) task that trains on it, whose preset and loader serve
-    it (uploads are served by their id, see below)."""
-    return {name: task for name, (task, _) in BUILTIN_DATASETS.items()}
-
-
 DatasetName = Annotated[
     str, Path(max_length=64, description="Dataset: mnist, cifar10, hymenoptera, or an uploaded dataset id.")
 ]
@@ -64,12 +58,11 @@ DatasetName = Annotated[
 
 def task_of(name: str, split: str | None = None) -> str:
     """The task whose preset and loader serve dataset ``name``; 404 for an unknown dataset or split."""
-    known = dataset_tasks()
-    task = known.get(name)
-    if task is None:
+    if name not in BUILTIN_DATASETS:
         raise HTTPException(
-            status.HTTP_404_NOT_FOUND, f"no dataset {name!r}; known: {', '.join(sorted(known))}"
+            status.HTTP_404_NOT_FOUND, f"no dataset {name!r}; known: {', '.join(sorted(BUILTIN_DATASETS))}"
         )
+    task, _ = BUILTIN_DATASETS[name]
     splits = ("train", get_task(task).eval_split)
     if split is not None and split not in splits:
         raise HTTPException(
