@@ -8,7 +8,6 @@ New checkpoints are seen without a restart, since every request lists the store;
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
@@ -19,7 +18,7 @@ import torch
 from PIL import Image
 
 from app.serving import Backend, MicroBatcher, build_backend
-from core.images import ALLOWED_FORMATS, InvertChoice, NormalizeChoice, frame_digit, should_invert, to_mode
+from core.images import InvertChoice, NormalizeChoice, frame_digit, should_invert, to_mode
 from models_store.aliases import DEFAULT_ALIAS, AliasStore, model_name
 from models_store.checkpoint import (
     CheckpointError,
@@ -254,24 +253,22 @@ class ModelRegistry:
             light,
         )
 
-    def runs_inline(self, model_id: str | None, task: str | None, data: bytes) -> bool:
-        """Whether a request can be decoded and classified in the calling thread (the event loop),
-        without thread hops: the upload is at most ``INLINE_MAX_UPLOAD_BYTES`` and, by its header
-        (nothing is decoded here), at most ``INLINE_MAX_PIXELS``, and its model -- ``model_id``,
-        else the model of ``task`` used last -- is loaded and light. A guess from memory, with no
-        I/O: either answer classifies correctly, only the thread differs."""
-        if self.inline_ms <= 0 or len(data) > self.INLINE_MAX_UPLOAD_BYTES:
+    def runs_inline(self, model_id: str | None, task: str | None, size_bytes: int) -> bool:
+        """Whether a request may be decoded and classified in the calling thread (the event loop),
+        without thread hops: the upload is at most ``INLINE_MAX_UPLOAD_BYTES`` and its model --
+        ``model_id``, else the model of ``task`` used last -- is loaded and light. A guess from
+        memory, with no I/O: either answer classifies correctly, only the thread differs. The
+        caller then reads the header (``open_image``) and checks ``fits_inline``."""
+        if self.inline_ms <= 0 or size_bytes > self.INLINE_MAX_UPLOAD_BYTES:
             return False
         with self._lock:
             loaded = self._cache.get(model_id) if model_id else self._recent_by_task.get(task or "")
-        if loaded is None or not loaded.light:
-            return False
-        try:
-            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as header:
-                width, height = header.size
-        except Exception:  # not an image: the thread path answers with the right error
-            return False
-        return width * height <= self.INLINE_MAX_PIXELS
+        return loaded is not None and loaded.light
+
+    def fits_inline(self, info: dict) -> bool:
+        """Whether an upload whose header ``open_image`` read (``info``: ``width``, ``height``)
+        is small enough to decode in the event loop: at most ``INLINE_MAX_PIXELS``."""
+        return info["width"] * info["height"] <= self.INLINE_MAX_PIXELS
 
     def evict(self, model_id: str) -> None:
         """Forget a loaded model (after it was deleted). Requests already holding it finish with it."""

@@ -19,7 +19,7 @@ from app.inference import ModelRegistry
 from app.job_metrics import jobs_registry
 from app.limits import BodySizeLimitMiddleware
 from app.metrics import MetricsMiddleware
-from app.openapi import install_openapi
+from app.openapi import TAGS, install_openapi
 from app.protocol import MAX_URL_BYTES, ContentEncodingMiddleware, HeadAsGetMiddleware, UrlLengthMiddleware
 from app.security import ApiKeyMiddleware
 from app.serving import MicroBatcher
@@ -112,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="imgclf: train and serve image classifiers",
         version="0.1.0",
         description=DESCRIPTION,
+        openapi_tags=TAGS,
         lifespan=lifespan,
         form_limits={
             "max_part_size": settings.max_upload_bytes,

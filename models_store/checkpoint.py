@@ -14,12 +14,12 @@ as invalid and refused.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -148,7 +148,7 @@ class CheckpointStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._verified: dict[str, tuple[tuple, str | None]] = {}
-        self._metadata: dict[str, tuple[tuple, object, str | None]] = {}
+        self._metadata: dict[str, tuple[tuple, bytes, str | None]] = {}
         self._lock = Lock()
 
     def save(self, model_id: str, tensors: dict[str, torch.Tensor], metadata: dict) -> CheckpointInfo:
@@ -216,7 +216,11 @@ class CheckpointStore:
         """One checkpoint (possibly invalid). Raises ``InvalidModelId``, ``ModelNotFound``."""
         validate_model_id(model_id)
         path = self.root / model_id
-        if not path.is_dir() or path.is_symlink():
+        try:
+            is_dir = stat.S_ISDIR(os.lstat(path).st_mode)  # a symbolic link is not a directory here
+        except OSError:
+            is_dir = False
+        if not is_dir:
             raise ModelNotFound(f"no model with id {model_id!r}")
         return self._inspect(model_id, path)
 
@@ -279,7 +283,7 @@ class CheckpointStore:
         info = CheckpointInfo(model_id=model_id, path=path)
         try:
             metadata, problem = self._read_metadata(path / METADATA_FILE)
-            stat = (path / WEIGHTS_FILE).stat()
+            weights = (path / WEIGHTS_FILE).stat()
         except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
             info.error = f"unreadable checkpoint: {type(exc).__name__}: {exc}"
             return info
@@ -287,9 +291,9 @@ class CheckpointStore:
             info.error = problem
             return info
         info.metadata = metadata
-        info.size_bytes = stat.st_size
-        expected = json.dumps(metadata.get("weights"), sort_keys=True)
-        signature = (stat.st_size, stat.st_mtime_ns, stat.st_ino, expected, metadata.get("model_id"))
+        info.size_bytes = weights.st_size
+        expected = (metadata["weights"]["sha256"], metadata["weights"]["bytes"])  # shape checked
+        signature = (weights.st_size, weights.st_mtime_ns, weights.st_ino, expected, metadata.get("model_id"))
         info.error = self._verify_cached(info, signature)
         info.valid = info.error is None
         return info
@@ -297,22 +301,26 @@ class CheckpointStore:
     def _read_metadata(self, path: Path) -> tuple[object, str | None]:
         """(parsed metadata.json, what is wrong with its shape or None), parsed and checked only
         when the file changes (the store is listed on every request)."""
-        stat = path.stat()
-        signature = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        found = path.stat()
+        signature = (found.st_size, found.st_mtime_ns, found.st_ino)
         key = str(path)
         with self._lock:
             cached = self._metadata.get(key)
         if not cached or cached[0] != signature:
-            metadata = json.loads(path.read_bytes())
+            raw = path.read_bytes()
+            metadata = json.loads(raw)
             if isinstance(metadata, dict):
                 problem = _metadata_problem(metadata)
                 problem = problem and f"invalid metadata.json: {problem}"
             else:
                 problem = "unreadable checkpoint: metadata.json is not an object"
-            cached = (signature, metadata, problem)
+            cached = (signature, raw, problem)
             with self._lock:
                 self._metadata[key] = cached
-        return copy.deepcopy(cached[1]), cached[2]
+            return metadata, problem
+        # parsed anew from the bytes read when the file last changed: each caller gets its own
+        # copy (a third of the cost of copy.deepcopy)
+        return json.loads(cached[1]), cached[2]
 
     def _verify_cached(self, info: CheckpointInfo, signature: tuple) -> str | None:
         """sha256 check, remembered per weights file (size, mtime, inode) and expected hash."""

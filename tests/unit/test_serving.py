@@ -22,6 +22,7 @@ from app.serving import (
     build_backend,
     parity_difference,
 )
+from core.images import open_image
 from models_store.checkpoint import CheckpointStore
 from tasks import get_task
 from tests.factories_models import make_model_checkpoint
@@ -177,17 +178,17 @@ def test_light_models_run_inline_for_small_images_and_heavy_ones_do_not(tmp_path
     resnet = make_model_checkpoint(tmp_path, "hymenoptera_resnet18")
     registry = ModelRegistry(store, backend="onnxruntime", batcher=MicroBatcher(), inline_ms=5.0)
     digit = _png(28, 28)
-    assert not registry.runs_inline(lenet, None, digit)  # not loaded yet: no guess
+    assert not registry.runs_inline(lenet, None, len(digit))  # not loaded yet: no guess
     small = registry.get(store.get(lenet))
     big = registry.get(store.get(resnet))
     assert small.light and small.infer_ms < 5.0
     assert not big.light and big.infer_ms >= 5.0
-    assert registry.runs_inline(lenet, None, digit)
-    assert registry.runs_inline(None, "mnist_lenet5", digit)
+    assert registry.runs_inline(lenet, None, len(digit))
+    assert registry.runs_inline(None, "mnist_lenet5", len(digit))
+    assert registry.fits_inline(open_image(digit)[1])
     # a small file of many pixels (PNG compresses a blank 4000 x 4000 to a few KB): decoded in a thread
     blank = _png(4000, 4000)
-    assert len(blank) < registry.INLINE_MAX_UPLOAD_BYTES and not registry.runs_inline(lenet, None, blank)
-    assert not registry.runs_inline(lenet, None, digit + b"\0" * registry.INLINE_MAX_UPLOAD_BYTES)
-    assert not registry.runs_inline(lenet, None, b"not an image")
-    assert not registry.runs_inline(resnet, None, digit)
-    assert not ModelRegistry(store, inline_ms=0).runs_inline(lenet, None, digit)
+    assert len(blank) < registry.INLINE_MAX_UPLOAD_BYTES and not registry.fits_inline(open_image(blank)[1])
+    assert not registry.runs_inline(lenet, None, registry.INLINE_MAX_UPLOAD_BYTES + 1)
+    assert not registry.runs_inline(resnet, None, len(digit))
+    assert not ModelRegistry(store, inline_ms=0).runs_inline(lenet, None, len(digit))

@@ -149,11 +149,12 @@ async def predict_image(
         )
     limits = DecodeLimits.from_settings(settings)
     choice = _Choice(model_id, task, alias, dataset, invert, normalize)
-    if registry.runs_inline(model_id, task, data):
-        # a light model and a small image: the thread hops would cost more than the work, unless
-        # its header (read here: a file of at most 256 KiB) says decoding is costly (a scan bomb)
+    if registry.runs_inline(model_id, task, len(data)):
+        # a light model and a small file: the thread hops would cost more than the work, unless
+        # its header (read here: a file of at most 256 KiB) says the image is large or costly to
+        # decode (a scan bomb)
         image, info = open_image(data, limits)
-        if info["cost"] <= settings.heavy_decode_cost:
+        if registry.fits_inline(info) and info["cost"] <= settings.heavy_decode_cost:
             async with request.app.state.inference_slots:
                 prepared = _prepare(registry, settings, image, info, limits, choice)
                 return _respond(prepared, infer(prepared.loaded, prepared.pixels[None])[0], top_k)
