@@ -17,13 +17,17 @@ LitServe). A server whose package is missing is skipped with a note.
    ``--batch-delay-ms``.
 3. The same real images (MNIST test digits as PNG, hymenoptera val JPEGs) are first sent one by one
    to every server and the answers compared with this API's (top-1 class and its probability).
-4. All servers of a model run at once; the same load generator, outside every server (asyncio
-   httpx, one keep-alive connection per client, multipart bodies built once), drives one at a
-   time at each client count for ``--duration`` seconds after a warm-up, in ``--rounds`` passes
+4. All servers of a model run at once; the same load generator, outside every server, drives one
+   at a time at each client count for ``--duration`` seconds after a warm-up, in ``--rounds`` passes
    whose server order rotates, so that the machine's changing load (other users) falls on all
    alike. Per server and client count it records throughput, p50/p99 latency (pooled over the
    rounds), errors, the server's CPU time per request (its whole process tree: a measure that
-   other users' load disturbs much less than throughput) and its peak RSS.
+   other users' load disturbs much less than throughput) and its peak RSS. The load generator
+   (``--loadgen``): wrk when it is on PATH (C, one event loop on one thread, every request
+   pre-formatted by its Lua script: it costs the machine a small fraction of what the servers
+   do), else asyncio httpx in ``--client-processes`` processes (about as much CPU per request as
+   the servers, on the same cores: it pulls every ratio toward 1). Either way one keep-alive
+   connection per client, multipart bodies built once, a random one per request.
 
 Writes ``bench/results/peers-<time>.json``, prints a table and, as its last line,
 ``speedup mnist_lenet5 X resnet18 Y``: this API's throughput at 32 clients divided by the best
@@ -47,6 +51,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -88,7 +93,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=None, help="seconds per client count (15)")
     parser.add_argument("--warmup", type=float, default=None, help="seconds of load before measuring (3)")
     parser.add_argument(
-        "--client-processes", type=int, default=2, help="load-generator processes the clients are spread over"
+        "--loadgen",
+        choices=("wrk", "httpx"),
+        default=None,
+        help="load generator: wrk (C event loop, requests pre-formatted in Lua, durations rounded up "
+        "to whole seconds; default when wrk is on PATH) or httpx (asyncio, in --client-processes "
+        "Python processes)",
+    )
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        default=2,
+        help="httpx only: load-generator processes the clients are spread over",
+    )
+    parser.add_argument("--wrk-threads", type=int, default=1, help="wrk only: its threads (event loops)")
+    parser.add_argument(
+        "--no-pause",
+        dest="pause",
+        action="store_false",
+        help="leave the other servers running while one is driven (by default they are paused with "
+        "SIGSTOP: an idle LitServe polls its queues at about a quarter of a core)",
     )
     parser.add_argument("--workers", type=int, default=2, help="inference processes per server")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per inference process")
@@ -123,6 +147,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.duration = args.duration or (5.0 if args.quick else 10.0)
     args.rounds = args.rounds or (1 if args.quick else 2)
     args.warmup = args.warmup if args.warmup is not None else (2.0 if args.quick else 3.0)
+    wrk = shutil.which("wrk")
+    if args.loadgen == "wrk" and wrk is None:
+        parser.error("--loadgen wrk: no wrk on PATH (apt-get install wrk)")
+    if args.loadgen is None:
+        args.loadgen = "wrk" if wrk else "httpx"
+        args.loadgen_why = f"wrk found at {wrk}" if wrk else "no wrk on PATH (apt-get install wrk)"
+    else:
+        args.loadgen_why = "chosen with --loadgen"
     return args
 
 
@@ -307,8 +339,35 @@ class Server:
             pass
         return total
 
+    def signal_group(self, signum: int) -> None:
+        """Send ``signum`` to the server's whole process group (no-op once it has exited)."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signum)
+
     def describe(self) -> str:
         return ""
+
+
+@contextlib.contextmanager
+def paused(servers: list[Server]):
+    """Stop ``servers`` (SIGSTOP to each process group) for the duration of the block, and
+    continue them after, so that idle servers take no CPU from the one being driven. Each keeps
+    its loaded model and sockets; connections are made anew for each measurement."""
+    for server in servers:
+        server.signal_group(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for server in servers:
+            server.signal_group(signal.SIGCONT)
+
+
+def idle_cores(server: Server, seconds: float = 5.0) -> float:
+    """CPU cores the server's process tree uses while no request arrives (its polling loops)."""
+    before = server.cpu_seconds()
+    time.sleep(seconds)
+    return round((server.cpu_seconds() - before) / seconds, 3)
 
 
 class ApiServer(Server):
@@ -647,6 +706,180 @@ def drive_split(
     }
 
 
+# wrk (https://github.com/wg/wrk, 4.x): one C event loop, requests pre-formatted in Lua. The script
+# is filled in per run: @DIR@ is the folder of the bodies (1.body, 2.body, ...) and of the report,
+# @TYPES@ the table of their content types. done() walks wrk's 1 µs latency histogram with latency(i),
+# which scans it from its minimum on every call (distinct values x range): about 0.3 s of CPU after a
+# 5 s run at 32 clients, spent after the measured window.
+WRK_SCRIPT = """-- written by bench.peers for one wrk run
+local dir = [==[@DIR@]==]
+local types = @TYPES@
+local prepared = {}
+local count = 0
+local threads = 0
+
+function setup(thread)
+   threads = threads + 1
+   thread:set("thread_id", threads)
+end
+
+function init(args)
+   for i, content_type in ipairs(types) do
+      local file = assert(io.open(dir .. "/" .. i .. ".body", "rb"))
+      local body = file:read("*a")
+      file:close()
+      local headers = {["Content-Type"] = content_type, ["Content-Length"] = #body}
+      prepared[i] = wrk.format("POST", wrk.path, headers, body)
+   end
+   count = #prepared
+   math.randomseed(7919 * (thread_id or 1))
+end
+
+function request()
+   return prepared[math.random(count)]
+end
+
+function done(summary, latency, requests)
+   local out = assert(io.open(dir .. "/report.txt", "w"))
+   local e = summary.errors
+   out:write(string.format("requests %d\\nduration_us %d\\n", summary.requests, summary.duration))
+   out:write(string.format("errors %d %d %d %d %d\\n", e.connect, e.read, e.write, e.status, e.timeout))
+   for i = 1, #latency do
+      local value, n = latency(i)
+      out:write(string.format("%d %d\\n", value, n))
+   end
+   out:close()
+end
+"""
+
+
+def wrk_correction(histogram: dict[int, int], interval_us: int) -> dict[int, int]:
+    """wrk 4.x's coordinated-omission correction (``stats_correct`` in its src/stats.c) applied to
+    a latency histogram ({µs: count}): every value n >= 2 * ``interval_us`` adds its count again
+    at n - interval, n - 2 * interval, ... while above ``interval_us``."""
+    out = dict(histogram)
+    for value, count in histogram.items():
+        if value >= 2 * interval_us:
+            for lower in range(value - interval_us, interval_us, -interval_us):
+                out[lower] = out.get(lower, 0) + count
+    return out
+
+
+def undo_wrk_correction(histogram: dict[int, int], interval_us: int) -> dict[int, int]:
+    """wrk 4.x's latency histogram ({µs: count}) as recorded, before its coordinated-omission
+    correction (``stats_correct``), which for every recorded value n >= 2 * ``interval_us`` adds
+    its count again at n - interval, n - 2 * interval, ... while above ``interval_us``: samples
+    of requests never sent (see ``wrk_correction``). Exact inverse, from the top:
+    H[t] = H'[t] - sum_k>=1 H[t + k * I]. Raises ValueError when ``histogram`` cannot be the
+    result of that correction (checked by applying it again)."""
+    tails: dict[int, int] = {}  # value -> sum of the raw counts at value, value + I, value + 2I, ...
+    raw: dict[int, int] = {}
+    for value in sorted(histogram, reverse=True):
+        count = histogram[value]
+        if value > interval_us:
+            above = tails.get(value + interval_us, 0)
+            count -= above
+            tails[value] = count + above
+        if count < 0:
+            raise ValueError(f"not a corrected wrk histogram: {value} µs would have {count} samples")
+        if count:
+            raw[value] = count
+    if wrk_correction(raw, interval_us) != histogram:
+        raise ValueError(f"not a wrk histogram corrected with an interval of {interval_us} µs")
+    return raw
+
+
+def parse_wrk_report(text: str, clients: int, timeout_s: float) -> dict:
+    """The report our wrk script's ``done()`` writes -> ``drive``'s result: ``latencies`` (s, one
+    per completed request, ascending), ``errors`` (one string per failed request), ``elapsed``
+    (s, wrk's own run time), plus ``wrk`` (its summary: requests, duration_us, error counts).
+
+    The report holds wrk's latency histogram in µs; wrk 4.x "corrects" it for coordinated
+    omission with the interval duration / (requests // clients), which is undone here so that
+    the latencies are those measured, as ``drive`` records them. Answers of status >= 400 are
+    requests with a latency and an error; answers slower than ``timeout_s`` (outside wrk's
+    histogram) count at ``timeout_s`` and as errors; socket errors (connect, read, write) count as
+    errors without a latency (no request completed), so ``summarise``'s successful requests
+    (latencies - errors) err low, never high, when there are any."""
+    lines = text.splitlines()
+    fields = {line.split()[0]: line.split()[1:] for line in lines[:3]}
+    requests = int(fields["requests"][0])
+    duration_us = int(fields["duration_us"][0])
+    connect, read, write, status, timeout = (int(x) for x in fields["errors"])
+    histogram: dict[int, int] = {}
+    for line in lines[3:]:
+        value, count = (int(float(x)) for x in line.split())
+        histogram[value] = histogram.get(value, 0) + count
+    recorded = requests - timeout  # wrk records every completed request under its timeout
+    if sum(histogram.values()) != recorded:
+        per_client = requests // clients
+        if not per_client:
+            raise ValueError(f"wrk histogram holds {sum(histogram.values())} samples for {recorded} requests")
+        histogram = undo_wrk_correction(histogram, duration_us // per_client)
+        if sum(histogram.values()) != recorded:
+            raise ValueError(
+                f"wrk histogram holds {sum(histogram.values())} samples for {recorded} requests "
+                "after undoing its correction"
+            )
+    latencies = [value / 1e6 for value in sorted(histogram) for _ in range(histogram[value])]
+    latencies += [timeout_s] * timeout
+    errors = (
+        ["HTTP status >= 400 (wrk keeps no more detail)"] * status
+        + [f"timeout: slower than {timeout_s:g} s"] * timeout
+        + ["socket read error"] * read
+        + ["socket write error"] * write
+        + ["connect error"] * connect
+    )
+    counts = {"connect": connect, "read": read, "write": write, "status": status, "timeout": timeout}
+    summary = {"requests": requests, "duration_us": duration_us, "errors": counts}
+    return {"latencies": latencies, "errors": errors, "elapsed": duration_us / 1e6, "wrk": summary}
+
+
+def wrk_version() -> str:
+    """``wrk -v``'s first words, e.g. ``wrk debian/4.1.0-3+b2 [epoll]``, or ``wrk`` when it says none."""
+    try:
+        out = subprocess.run(["wrk", "-v"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "wrk"
+    return out.split(" Copyright")[0].strip() or "wrk"
+
+
+def drive_wrk(
+    url: str,
+    bodies: list[tuple[bytes, str]],
+    clients: int,
+    duration: float,
+    threads: int = 1,
+    timeout_s: float = 60.0,
+) -> dict:
+    """``drive`` with wrk: ``clients`` keep-alive connections on ``threads`` wrk threads (at most
+    ``clients``) for ``duration`` seconds rounded up to whole seconds (wrk's unit), each request
+    one of ``bodies`` (multipart bytes, content type) at random, pre-formatted by the Lua script
+    so that wrk's own CPU per request stays tiny. Returns ``drive``'s dict -- ``latencies`` (s),
+    ``errors``, ``elapsed`` (s) -- and ``wrk``, its summary (see ``parse_wrk_report``).
+    ``timeout_s`` (s): answers slower than this count as errors. Raises RuntimeError when wrk
+    fails or writes no report."""
+    seconds = max(1, math.ceil(duration - 1e-6))
+    with tempfile.TemporaryDirectory(prefix="peers-wrk-") as tmp:
+        folder = Path(tmp)
+        for index, (body, _) in enumerate(bodies, 1):
+            (folder / f"{index}.body").write_bytes(body)
+        types = ", ".join(f"[==[{content_type}]==]" for _, content_type in bodies)
+        script = folder / "bodies.lua"
+        script.write_text(WRK_SCRIPT.replace("@DIR@", str(folder)).replace("@TYPES@", "{" + types + "}"))
+        command = ["wrk", f"-t{max(1, min(threads, clients))}", f"-c{clients}", f"-d{seconds}s",
+                   "--timeout", f"{math.ceil(timeout_s)}s", "-s", str(script), url]  # fmt: skip
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=seconds + timeout_s + 300, check=False
+        )
+        report = folder / "report.txt"
+        if done.returncode != 0 or not report.exists():
+            raise RuntimeError(
+                f"wrk exited with {done.returncode} and no report: {(done.stderr or done.stdout)[-500:]}"
+            )
+        return parse_wrk_report(report.read_text(), clients, math.ceil(timeout_s))
+
+
 def summarise(clients: int, samples: list[dict]) -> dict:
     """Pooled over the rounds: throughput (successful requests / seconds driven), p50/p99 latency,
     errors, CPU seconds of the server per request, peak RSS."""
@@ -711,16 +944,36 @@ def prime(server: Server, bodies: list[tuple[bytes, str]], args: argparse.Namesp
     return round(time.monotonic() - start, 1)
 
 
+def load(
+    url: str, bodies: list[tuple[bytes, str]], clients: int, duration: float, args: argparse.Namespace
+) -> dict:
+    """``clients`` clients for ``duration`` seconds with the load generator of ``args.loadgen``:
+    ``drive_wrk`` or ``drive_split``. Returns ``drive``'s dict (latencies in s, errors, elapsed s)."""
+    if args.loadgen == "wrk":
+        return drive_wrk(url, bodies, clients, duration, threads=args.wrk_threads)
+    return drive_split(url, bodies, clients, duration, args.client_processes)
+
+
+def loadgen_label(args: argparse.Namespace) -> str:
+    """The load generator in words, e.g. ``wrk debian/4.1.0-3+b2 [epoll], 1 thread``."""
+    if args.loadgen == "wrk":
+        return f"{wrk_version()}, {args.wrk_threads} thread{'s' if args.wrk_threads > 1 else ''}"
+    return f"httpx {httpx.__version__} asyncio, {args.client_processes} processes"
+
+
 def one_level(
     server: Server, bodies: list[tuple[bytes, str]], clients: int, args: argparse.Namespace
 ) -> dict:
+    """One client count on one server: warm-up, then ``args.duration`` seconds measured with
+    ``args.loadgen``. Returns ``drive``'s dict plus the server's CPU seconds (``cpu_s``), its peak
+    RSS (bytes) and the load average at the start."""
     if args.warmup:
-        drive_split(server.predict_url, bodies, clients, args.warmup, args.client_processes)
+        load(server.predict_url, bodies, clients, args.warmup, args)
     sampler = RssSampler(server)
     sampler.start()
     loadavg = cpu_load()
     cpu_before = server.cpu_seconds()
-    sample = drive_split(server.predict_url, bodies, clients, args.duration, args.client_processes)
+    sample = load(server.predict_url, bodies, clients, args.duration, args)
     sample["cpu_s"] = server.cpu_seconds() - cpu_before
     sampler.stopped.set()
     sampler.join()
@@ -778,8 +1031,10 @@ def measure_task(
                 "answers": answers(server, bodies[server.name][: args.check_images]),
                 "prime_s": prime(server, bodies[server.name], args),
                 "idle_rss_mb": round(server.rss() / 2**20, 1),
+                "idle_cores": idle_cores(server),
                 "levels": [],
             }
+            print(f"  idle: {runs[server.name]['idle_cores']} cores", flush=True)
             if "api" in runs and server.name != "api" and "answers" in runs["api"]:
                 runs[server.name]["agreement"] = compare(runs["api"]["answers"], runs[server.name]["answers"])
                 print(f"  agreement with this API: {runs[server.name]['agreement']}", flush=True)
@@ -788,7 +1043,9 @@ def measure_task(
             for clients in args.clients:
                 shift = round_index % max(len(started), 1)
                 for server in started[shift:] + started[:shift]:
-                    sample = one_level(server, bodies[server.name], clients, args)
+                    others = [other for other in started if other is not server] if args.pause else []
+                    with paused(others):
+                        sample = one_level(server, bodies[server.name], clients, args)
                     samples.setdefault((server.name, clients), []).append(sample)
                     ok = len(sample["latencies"]) - len(sample["errors"])
                     print(
@@ -856,6 +1113,8 @@ def table(runs: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.check_images = 20 if args.quick else 100
+    args.loadgen_label = loadgen_label(args)
+    print(f"load generator: {args.loadgen_label} ({args.loadgen_why})", flush=True)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     workdir = WORKDIR / "runs" / stamp
     runs: list[dict] = []
@@ -889,6 +1148,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{os.cpu_count()} CPUs, {round(psutil.virtual_memory().total / 2**30)} GiB",
         "command": " ".join(["python -m bench.peers", *(argv if argv is not None else sys.argv[1:])]),
         "tag": args.tag,
+        "loadgen": args.loadgen,
+        "loadgen_detail": args.loadgen_label,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "skipped": skipped,
         "loadavg_end": cpu_load(),
@@ -898,6 +1159,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"peers-{stamp}.json"
     out.write_text(json.dumps(result, indent=2))
+    print(f"load generator: {args.loadgen_label}; {args.duration:g} s per level, {args.rounds} round(s)")
     print(table([r for r in runs if r["levels"]]))
     print(f"written to {out.relative_to(ROOT)}")
     ratio = result["speedup_at_32_clients"]
