@@ -15,6 +15,7 @@ from app.api.main import api_router
 from app.api.routes.ui import is_ui_path, mount_ui
 from app.errors import install_error_handlers, redact_url
 from app.events import EventHub, async_redis_client
+from app.forms import form_limits
 from app.inference import ModelRegistry
 from app.job_metrics import jobs_registry
 from app.limits import BodySizeLimitMiddleware
@@ -51,9 +52,6 @@ JSON_BODY_LIMIT = 1024 * 1024
 DOCS_STATIC_URL = "/static-docs"
 # Paths that need no API key: the probes and the documentation.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-# Multipart forms: a text field may be as large as a file (see app/forms.py); few parts.
-FORM_MAX_FILES = 4
-FORM_MAX_FIELDS = 32
 
 
 def is_open_path(path: str) -> bool:
@@ -114,12 +112,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         openapi_tags=TAGS,
         lifespan=lifespan,
-        form_limits={
-            "max_part_size": settings.max_upload_bytes,
-            "max_files": FORM_MAX_FILES,
-            "max_fields": FORM_MAX_FIELDS,
-        },
+        form_limits=form_limits(settings.max_upload_bytes),
     )
+    app.state.form_limits = form_limits(settings.max_upload_bytes)  # for read_form
     app.include_router(api_router)
     mount_ui(app)
     install_error_handlers(app)

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
+from pydantic import BaseModel
 
 from app.protocol import MAX_URL_BYTES
-from app.schemas import ERROR_EXAMPLES
+from app.schemas import ERROR_EXAMPLES, PredictForm
 
 ERROR_REF = "#/components/schemas/ErrorPublic"
 VALIDATION_REF = "#/components/schemas/HTTPValidationError"
@@ -22,6 +23,9 @@ EXCLUSIVE_FIELDS: dict[str, list[tuple[str, str]]] = {
 }
 # Multipart bodies that refuse unknown fields (a typo such as `topk` is a 422, not ignored).
 CLOSED_FORMS = {"/predict"}
+# Forms that routes read with app.forms.read_form (one model, not FastAPI Form() parameters):
+# their schemas join the document's components (the routes refer to them with multipart_body).
+FORM_MODELS: tuple[type[BaseModel], ...] = (PredictForm,)
 # The documentation's sections, in this order (Swagger UI and ReDoc follow it), whatever the order
 # in which the routers were included (app/api/main.py puts the hot path first).
 TAGS: list[dict[str, str]] = [
@@ -31,6 +35,20 @@ TAGS: list[dict[str, str]] = [
     {"name": "predict", "description": "Classify an uploaded image with a trained checkpoint."},
     {"name": "datasets", "description": "Your own photos: upload a zip of class folders, inspect, delete."},
 ]
+
+
+def multipart_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` of a route that reads its form with ``app.forms.read_form``: ``model`` as
+    its required multipart/form-data body (``FORM_MODELS`` lists the models)."""
+    ref = f"#/components/schemas/{model.__name__}"
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {"$ref": ref}}}}}
+
+
+def _add_form_models(components: dict[str, Any]) -> None:
+    for model in FORM_MODELS:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
 
 
 def _error(description: str, status_code: int) -> dict[str, Any]:
@@ -78,8 +96,11 @@ def _fix_422(response: dict[str, Any]) -> None:
 
 
 def _no_nulls_in_form(form: dict[str, Any]) -> None:
-    """A multipart field cannot be null (it is text or absent): ``anyOf [X, null]`` becomes X."""
+    """A multipart field cannot be null (it is text or absent): ``anyOf [X, null]`` becomes X, and
+    a null default goes (absent is the default)."""
     for name, prop in form.get("properties", {}).items():
+        if "default" in prop and prop["default"] is None:
+            del prop["default"]
         variants = prop.get("anyOf", [])
         others = [v for v in variants if v != {"type": "null"}]
         if len(others) == 1 and len(variants) == 2:
@@ -132,6 +153,7 @@ def complete_openapi(schema: dict[str, Any], auth: bool = True) -> dict[str, Any
     the document drops its security requirements and 401s."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     _order_paths_by_tag(schema)
+    _add_form_models(components)
     if not auth:
         schema["components"].pop("securitySchemes", None)
     for path, operations in schema.get("paths", {}).items():

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
+from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from core.datasets import DATASET_ID_PATTERN
+from core.images import InvertChoice, NormalizeChoice
 from core.jobs import JobRecord
-from models_store.aliases import model_name
-from models_store.checkpoint import CheckpointInfo
-from tasks import TaskName, get_task, list_tasks
+from models_store.aliases import ALIAS_PATTERN, model_name
+from models_store.checkpoint import MODEL_ID_PATTERN, CheckpointInfo
+from tasks import BuiltinTaskName, TaskName, get_task, list_tasks
 from tasks.base import Task
 
 
@@ -241,6 +243,54 @@ class ClassProbability(BaseModel):
     index: int = Field(description="Class index (the model's output position).", examples=[7])
     label: str = Field(description="Class name.", examples=["7"])
     probability: float = Field(description="Softmax probability in [0, 1].", examples=[0.991])
+
+
+class PredictForm(BaseModel):
+    """The multipart form of ``POST /predict``: the image and how to choose its model. An empty
+    field counts as absent (FastAPI's rule for forms; Swagger UI sends its empty fields)."""
+
+    file: UploadFile = Field(description="The image: PNG, JPEG, GIF, TIFF, WebP or BMP, in any mode.")
+    task: BuiltinTaskName | None = Field(
+        None,
+        description=(
+            "Use the production (else the newest valid) model of this built-in task; models of "
+            "uploaded datasets are chosen by `dataset` (or `model_id`)."
+        ),
+        examples=["mnist_lenet5"],
+    )
+    model_id: str | None = Field(
+        None,
+        max_length=128,
+        pattern=MODEL_ID_PATTERN,
+        description="Use this model (an id listed by GET /models); if task is given too, it must be the "
+        "model's task.",
+    )
+    alias: str | None = Field(
+        None,
+        max_length=64,
+        pattern=ALIAS_PATTERN,
+        description="With task: the model carrying this alias, e.g. `production` (with task alone: "
+        "`production` if set).",
+    )
+    dataset: str | None = Field(
+        None,
+        pattern=DATASET_ID_PATTERN,
+        description="Use the newest valid model trained on this uploaded dataset (custom_resnet18).",
+    )
+    top_k: int = Field(5, ge=1, le=100, description="Classes to return (at most the model's).", examples=[5])
+    invert: InvertChoice = Field(
+        "auto",
+        description="MNIST only: invert to white-on-black; `auto` inverts when the border is light.",
+        examples=["auto"],
+    )
+    normalize: NormalizeChoice = Field(
+        "auto",
+        description=(
+            "MNIST only: `auto` frames the digit as MNIST's were (ink box scaled into 20x20, centre of "
+            "mass at the centre of 28x28), after inversion; `none` only resizes to 28x28."
+        ),
+        examples=["auto"],
+    )
 
 
 class PredictionPublic(BaseModel):

@@ -14,9 +14,9 @@ FASTAPI_OWN = {"HTTPValidationError", "ValidationError"}
 # model id would make the first try a 404 (task's example, mnist_lenet5, is enough).
 # Swagger pre-fills examples: an invented model id or alias would turn "Try it out" into a 404.
 NO_EXAMPLE = {
-    "Body_predict_image_predict_post.model_id",
-    "Body_predict_image_predict_post.alias",
-    "Body_predict_image_predict_post.dataset",
+    "PredictForm.model_id",
+    "PredictForm.alias",
+    "PredictForm.dataset",
 }
 
 

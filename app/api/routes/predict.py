@@ -5,26 +5,20 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Annotated
 
 import torch
-from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile, status
+from fastapi import APIRouter, HTTPException, Request, Response, status
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import FormData
 
-from app.api.deps import RegistryDep, SettingsDep
-from app.forms import CLIENT_CLOSED_REQUEST, FileFormRoute
+from app.forms import CLIENT_CLOSED_REQUEST, FileFormRoute, read_form
 from app.inference import LoadedModel, ModelRegistry, infer, postprocess, preprocess
 from app.metrics import PREDICTION_SECONDS
-from app.schemas import ClassProbability, PredictionPublic, error_responses
+from app.openapi import multipart_body
+from app.schemas import ClassProbability, PredictForm, PredictionPublic, error_responses
 from app.serving import release_freed_memory
 from core.config import Settings
-from core.datasets import DATASET_ID_PATTERN
 from core.images import DecodeLimits, ImageRejected, InvertChoice, NormalizeChoice, load_image, open_image
-from models_store.aliases import ALIAS_PATTERN
-from models_store.checkpoint import MODEL_ID_PATTERN
-from tasks import BuiltinTaskName
 from tasks.base import Preset
 
 router = APIRouter(tags=["predict"], route_class=FileFormRoute)
@@ -34,6 +28,7 @@ router = APIRouter(tags=["predict"], route_class=FileFormRoute)
     "/predict",
     response_model=PredictionPublic,
     summary="Classify an uploaded image",
+    openapi_extra=multipart_body(PredictForm),
     responses=error_responses(
         _400=("Empty file, or a body that is not valid multipart.", "the uploaded file is empty"),
         _404=(
@@ -63,70 +58,7 @@ router = APIRouter(tags=["predict"], route_class=FileFormRoute)
         ),
     ),
 )
-async def predict_image(
-    request: Request,
-    file: Annotated[
-        UploadFile,
-        File(description="The image: PNG, JPEG, GIF, TIFF, WebP or BMP, in any mode."),
-    ],
-    registry: RegistryDep,
-    settings: SettingsDep,
-    task: Annotated[
-        BuiltinTaskName | None,
-        Form(
-            description=(
-                "Use the production (else the newest valid) model of this built-in task; models of "
-                "uploaded datasets are chosen by `dataset` (or `model_id`)."
-            ),
-            examples=["mnist_lenet5"],
-        ),
-    ] = None,
-    model_id: Annotated[
-        str | None,
-        Form(
-            max_length=128,
-            pattern=MODEL_ID_PATTERN,
-            description="Use this model (an id listed by GET /models); if task is given too, it must "
-            "be the model's task.",
-        ),
-    ] = None,
-    alias: Annotated[
-        str | None,
-        Form(
-            max_length=64,
-            pattern=ALIAS_PATTERN,
-            description="With task: the model carrying this alias, e.g. `production` (with task alone: "
-            "`production` if set).",
-        ),
-    ] = None,
-    dataset: Annotated[
-        str | None,
-        Form(
-            pattern=DATASET_ID_PATTERN,
-            description="Use the newest valid model trained on this uploaded dataset (custom_resnet18).",
-        ),
-    ] = None,
-    top_k: Annotated[
-        int, Form(ge=1, le=100, description="Classes to return (at most the model's).", examples=[5])
-    ] = 5,
-    invert: Annotated[
-        InvertChoice,
-        Form(
-            description="MNIST only: invert to white-on-black; `auto` inverts when the border is light.",
-            examples=["auto"],
-        ),
-    ] = "auto",
-    normalize: Annotated[
-        NormalizeChoice,
-        Form(
-            description=(
-                "MNIST only: `auto` frames the digit as MNIST's were (ink box scaled into 20x20, centre "
-                "of mass at the centre of 28x28), after inversion; `none` only resizes to 28x28."
-            ),
-            examples=["auto"],
-        ),
-    ] = "auto",
-) -> Response:
+async def predict_image(request: Request) -> Response:
     """Top-k class probabilities. Preprocessing is the checkpoint's own evaluation preset.
 
     Decoding and inference run in worker threads, at most INFERENCE_CONCURRENCY at a time (first
@@ -136,7 +68,14 @@ async def predict_image(
     that disconnects while its request waits for a slot or for the model is dropped there (499
     in the metrics), so clients that time out and retry do not multiply the work.
     """
-    _check_form_fields(await request.form())
+    async with read_form(request, PredictForm) as form:
+        return await _predict(request, form)
+
+
+async def _predict(request: Request, form: PredictForm) -> Response:
+    registry: ModelRegistry = request.app.state.registry
+    settings: Settings = request.app.state.settings
+    file, task, model_id, alias, dataset = form.file, form.task, form.model_id, form.alias, form.dataset
     if not task and not model_id and not dataset:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "give either task, dataset or model_id")
     _check_task_and_dataset(task, dataset)
@@ -148,7 +87,7 @@ async def predict_image(
             f"the file is larger than the limit of {settings.max_upload_bytes} bytes (MAX_UPLOAD_BYTES)",
         )
     limits = DecodeLimits.from_settings(settings)
-    choice = _Choice(model_id, task, alias, dataset, invert, normalize)
+    choice = _Choice(model_id, task, alias, dataset, form.invert, form.normalize)
     if registry.runs_inline(model_id, task, len(data)):
         # a light model and a small file: the thread hops would cost more than the work, unless
         # its header (read here: a file of at most 256 KiB) says the image is large or costly to
@@ -157,7 +96,7 @@ async def predict_image(
         if registry.fits_inline(info) and info["cost"] <= settings.heavy_decode_cost:
             async with request.app.state.inference_slots:
                 prepared = _prepare(registry, settings, image, info, limits, choice)
-                return _respond(prepared, infer(prepared.loaded, prepared.pixels[None])[0], top_k)
+                return _respond(prepared, infer(prepared.loaded, prepared.pixels[None])[0], form.top_k)
     else:
         image, info = await run_in_threadpool(open_image, data, limits)
     heavy = info["cost"] > settings.heavy_decode_cost
@@ -179,7 +118,7 @@ async def predict_image(
         probabilities = await asyncio.wrap_future(loaded.batcher.submit(loaded.backend, prepared.pixels))
     else:
         probabilities = (await run_in_threadpool(infer, loaded, prepared.pixels[None]))[0]
-    return _respond(prepared, probabilities, top_k)
+    return _respond(prepared, probabilities, form.top_k)
 
 
 def _check_task_and_dataset(task: str | None, dataset: str | None) -> None:
@@ -190,26 +129,6 @@ def _check_task_and_dataset(task: str | None, dataset: str | None) -> None:
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             f"dataset chooses a model of an uploaded dataset, task a model of the built-in task {task}: "
             "give task or dataset, not both",
-        )
-
-
-FORM_FIELDS = ("file", "task", "model_id", "top_k", "invert", "normalize", "alias", "dataset")
-
-
-def _check_form_fields(form: FormData) -> None:
-    """422 for an unknown field (a typo such as ``topk`` would otherwise be ignored) or a repeated
-    one. An empty field counts as absent (FastAPI's rule for forms; Swagger UI sends its empty
-    fields), and the OpenAPI document says so."""
-    unknown = sorted({name for name in form if name not in FORM_FIELDS})
-    if unknown:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"unknown form field(s) {', '.join(unknown)}; expected {', '.join(FORM_FIELDS)}",
-        )
-    repeated = sorted({name for name in form if len(form.getlist(name)) > 1})
-    if repeated:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, f"form field(s) given twice: {', '.join(repeated)}"
         )
 
 
