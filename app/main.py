@@ -112,9 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         openapi_tags=TAGS,
         lifespan=lifespan,
-        form_limits=form_limits(settings.max_upload_bytes),
     )
-    app.state.form_limits = form_limits(settings.max_upload_bytes)  # for read_form
+    app.state.form_limits = form_limits(settings.max_upload_bytes)  # app.forms.read_form's
     app.include_router(api_router)
     mount_ui(app)
     install_error_handlers(app)

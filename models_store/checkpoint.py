@@ -109,6 +109,12 @@ class CheckpointInfo:
         return self.metadata.get("created_at", "")
 
 
+def _file_signature(found: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file is replaced or rewritten: size, mtime, inode and ctime (which,
+    unlike mtime, ``touch -r`` or ``cp -p`` cannot set back)."""
+    return (found.st_size, found.st_mtime_ns, found.st_ino, found.st_ctime_ns)
+
+
 def validate_model_id(model_id: str) -> str:
     """Return ``model_id`` if it matches ``MODEL_ID_PATTERN``; raise ``InvalidModelId`` otherwise."""
     if not isinstance(model_id, str) or not _MODEL_ID_RE.fullmatch(model_id):
@@ -293,7 +299,7 @@ class CheckpointStore:
         info.metadata = metadata
         info.size_bytes = weights.st_size
         expected = (metadata["weights"]["sha256"], metadata["weights"]["bytes"])  # shape checked
-        signature = (weights.st_size, weights.st_mtime_ns, weights.st_ino, expected, metadata.get("model_id"))
+        signature = (*_file_signature(weights), expected, metadata.get("model_id"))
         info.error = self._verify_cached(info, signature)
         info.valid = info.error is None
         return info
@@ -301,8 +307,7 @@ class CheckpointStore:
     def _read_metadata(self, path: Path) -> tuple[object, str | None]:
         """(parsed metadata.json, what is wrong with its shape or None), parsed and checked only
         when the file changes (the store is listed on every request)."""
-        found = path.stat()
-        signature = (found.st_size, found.st_mtime_ns, found.st_ino)
+        signature = _file_signature(path.stat())
         key = str(path)
         with self._lock:
             cached = self._metadata.get(key)
@@ -323,7 +328,7 @@ class CheckpointStore:
         return json.loads(cached[1]), cached[2]
 
     def _verify_cached(self, info: CheckpointInfo, signature: tuple) -> str | None:
-        """sha256 check, remembered per weights file (size, mtime, inode) and expected hash."""
+        """sha256 check, remembered per weights file (size, mtime, inode, ctime) and expected hash."""
         key = str(info.path)
         with self._lock:
             cached = self._verified.get(key)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends
 
 from app.api.routes import datasets, health, jobs, models, predict, ui
-from app.job_metrics import metrics_payload
 from app.schemas import error_responses
 from app.security import require_api_key
 
@@ -20,15 +19,6 @@ protected.include_router(predict.router)
 protected.include_router(jobs.router)
 protected.include_router(models.router)
 protected.include_router(datasets.router)
-
-
-@protected.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
-def metrics(request: Request) -> Response:
-    """HTTP requests, latency and inference time (of every API process with
-    PROMETHEUS_MULTIPROC_DIR), and the jobs read from Redis: by status, queue depth, live
-    workers, throughput, job and epoch durations."""
-    body, media_type = metrics_payload(request.app.state.jobs_registry)
-    return Response(body, media_type=media_type)
 
 
 api_router = APIRouter()

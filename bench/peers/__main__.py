@@ -299,6 +299,7 @@ class Server:
             return
         try:
             os.killpg(self.process.pid, self.stop_signal)
+            os.killpg(self.process.pid, signal.SIGCONT)  # a paused server (see paused) gets it too
         except ProcessLookupError:
             return
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -354,9 +355,9 @@ def paused(servers: list[Server]):
     """Stop ``servers`` (SIGSTOP to each process group) for the duration of the block, and
     continue them after, so that idle servers take no CPU from the one being driven. Each keeps
     its loaded model and sockets; connections are made anew for each measurement."""
-    for server in servers:
-        server.signal_group(signal.SIGSTOP)
     try:
+        for server in servers:
+            server.signal_group(signal.SIGSTOP)
         yield
     finally:
         for server in servers:
@@ -1110,8 +1111,13 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # so that the finally blocks resume and stop the servers
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args.check_images = 20 if args.quick else 100
     args.loadgen_label = loadgen_label(args)
     print(f"load generator: {args.loadgen_label} ({args.loadgen_why})", flush=True)

@@ -136,6 +136,27 @@ def test_top_k_bounds_and_clamping(lenet_stack):
         assert sum(p["probability"] for p in body["predictions"]) == pytest.approx(1, abs=1e-5)
 
 
+def test_a_file_input_left_empty_is_a_missing_file(lenet_stack):
+    """A browser's form with no file chosen sends a part with no name and no bytes: FastAPI's rule
+    (kept by app.forms.read_form) is that it counts as absent."""
+    stack, _ = lenet_stack
+    with api_client(stack) as client:
+        body = (
+            b'--b\r\nContent-Disposition: form-data; name="task"\r\n\r\nmnist_lenet5\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename=""\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n\r\n--b--\r\n"
+        )  # as Chromium sends it
+        response = client.post(
+            "/predict", content=body, headers={"content-type": "multipart/form-data; boundary=b"}
+        )
+        assert response.status_code == 422
+        assert response.json()["detail"] == [
+            {"type": "missing", "loc": ["body", "file"], "msg": "Field required", "input": None}
+        ]
+        named = client.post("/predict", files={"file": ("d.png", b"")}, data={"task": "mnist_lenet5"})
+        assert named.status_code == 400 and named.json()["detail"] == "the uploaded file is empty"
+
+
 @pytest.mark.parametrize("bad_id", ["../../etc/passwd", "a/b", ".hidden", "x" * 200, "Upper", "a.b", "a b"])
 def test_invalid_model_id_is_422(lenet_stack, bad_id):
     stack, _ = lenet_stack

@@ -63,6 +63,21 @@ def test_tampered_weights_are_listed_invalid_and_refused(tmp_path):
         store.load("mnist_lenet5-1")
 
 
+def test_weights_rewritten_in_place_with_their_old_mtime_are_verified_again(tmp_path):
+    store = CheckpointStore(tmp_path)
+    make_checkpoint(store)
+    assert store.get("mnist_lenet5-1").valid  # verified once, and remembered
+    weights = tmp_path / "mnist_lenet5-1" / "model.safetensors"
+    before = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    with open(weights, "r+b") as file:  # same inode, same size
+        file.write(bytes(data))
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # as `touch -r` would
+    info = store.get("mnist_lenet5-1")
+    assert not info.valid and "sha256" in info.error
+
+
 def test_truncated_weights_are_refused(tmp_path):
     store = CheckpointStore(tmp_path)
     make_checkpoint(store)

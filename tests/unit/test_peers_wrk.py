@@ -1,5 +1,5 @@
 """``bench.peers``'s wrk load generator: the report parsing (pure, always runs) and ``drive_wrk``
-against a real HTTP server (skipped where wrk is not installed, as in CI)."""
+against a real HTTP server (skipped where wrk is not installed; .ci/run installs it)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,14 @@
-"""/healthz and /readyz: unauthenticated probes."""
+"""/healthz and /readyz: unauthenticated probes; /metrics: Prometheus metrics (behind the API key)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from app.api.deps import JobStoreDep
-from app.schemas import HealthPublic, ReadyPublic
+from app.job_metrics import metrics_payload
+from app.schemas import HealthPublic, ReadyPublic, error_responses
+from app.security import require_api_key
 
 router = APIRouter(tags=["health"])
 
@@ -31,3 +33,18 @@ def readyz(jobs: JobStoreDep) -> ReadyPublic | JSONResponse:
         body = ReadyPublic(status="unavailable", redis=f"{type(exc).__name__}: {exc}")
         return JSONResponse(body.model_dump(), status_code=503)
     return ReadyPublic(status="ready", redis="ok", workers=workers)
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(_401="Missing or wrong API key (when the server has API_KEYS)."),
+)
+def metrics(request: Request) -> Response:
+    """HTTP requests, latency and inference time (of every API process with
+    PROMETHEUS_MULTIPROC_DIR), and the jobs read from Redis: by status, queue depth, live
+    workers, throughput, job and epoch durations."""
+    body, media_type = metrics_payload(request.app.state.jobs_registry)
+    return Response(body, media_type=media_type)
