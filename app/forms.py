@@ -116,8 +116,8 @@ class FileFormRoute(APIRoute):
 
 
 def form_limits(max_upload_bytes: int) -> dict[str, int]:
-    """Starlette's multipart limits for the app's forms (``FastAPI(form_limits=...)`` and
-    ``read_form``): parts of at most ``max_upload_bytes`` (MAX_UPLOAD_BYTES), few files and fields."""
+    """Starlette's multipart limits for the forms ``read_form`` reads (``app.state.form_limits``):
+    parts of at most ``max_upload_bytes`` (MAX_UPLOAD_BYTES), few files and fields."""
     return {"max_part_size": max_upload_bytes, "max_files": FORM_MAX_FILES, "max_fields": FORM_MAX_FIELDS}
 
 

@@ -21,10 +21,9 @@ ONE_OF_FIELDS: dict[str, tuple[str, ...]] = {"/predict": ("task", "model_id", "d
 EXCLUSIVE_FIELDS: dict[str, list[tuple[str, str]]] = {
     "/predict": [("model_id", "alias"), ("task", "dataset")]
 }
-# Multipart bodies that refuse unknown fields (a typo such as `topk` is a 422, not ignored).
-CLOSED_FORMS = {"/predict"}
 # Forms that routes read with app.forms.read_form (one model, not FastAPI Form() parameters):
-# their schemas join the document's components (the routes refer to them with multipart_body).
+# their schemas join the document's components (the routes refer to them with multipart_body), and
+# they refuse unknown fields (a typo such as `topk` is a 422, not ignored).
 FORM_MODELS: tuple[type[BaseModel], ...] = (PredictForm,)
 # The documentation's sections, in this order (Swagger UI and ReDoc follow it), whatever the order
 # in which the routers were included (app/api/main.py puts the hot path first).
@@ -178,7 +177,7 @@ def complete_openapi(schema: dict[str, Any], auth: bool = True) -> dict[str, Any
             ref = body.get("schema", {}).get("$ref", "")
             if ref:
                 _no_nulls_in_form(components[ref.rsplit("/", 1)[-1]])
-            if ref and path in CLOSED_FORMS:
+            if ref and ref.rsplit("/", 1)[-1] in {model.__name__ for model in FORM_MODELS}:
                 components[ref.rsplit("/", 1)[-1]]["additionalProperties"] = False
                 _empty_means_absent(components[ref.rsplit("/", 1)[-1]])
             if fields and ref:

@@ -18,7 +18,7 @@ from app.openapi import multipart_body
 from app.schemas import ClassProbability, PredictForm, PredictionPublic, error_responses
 from app.serving import release_freed_memory
 from core.config import Settings
-from core.images import DecodeLimits, ImageRejected, InvertChoice, NormalizeChoice, load_image, open_image
+from core.images import DecodeLimits, ImageRejected, load_image, open_image
 from tasks.base import Preset
 
 router = APIRouter(tags=["predict"], route_class=FileFormRoute)
@@ -75,27 +75,25 @@ async def predict_image(request: Request) -> Response:
 async def _predict(request: Request, form: PredictForm) -> Response:
     registry: ModelRegistry = request.app.state.registry
     settings: Settings = request.app.state.settings
-    file, task, model_id, alias, dataset = form.file, form.task, form.model_id, form.alias, form.dataset
-    if not task and not model_id and not dataset:
+    if not form.task and not form.model_id and not form.dataset:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "give either task, dataset or model_id")
-    _check_task_and_dataset(task, dataset)
+    _check_task_and_dataset(form.task, form.dataset)
 
-    data = await file.read(settings.max_upload_bytes + 1)
+    data = await form.file.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         raise HTTPException(
             status.HTTP_413_CONTENT_TOO_LARGE,
             f"the file is larger than the limit of {settings.max_upload_bytes} bytes (MAX_UPLOAD_BYTES)",
         )
     limits = DecodeLimits.from_settings(settings)
-    choice = _Choice(model_id, task, alias, dataset, form.invert, form.normalize)
-    if registry.runs_inline(model_id, task, len(data)):
+    if registry.runs_inline(form.model_id, form.task, len(data)):
         # a light model and a small file: the thread hops would cost more than the work, unless
         # its header (read here: a file of at most 256 KiB) says the image is large or costly to
         # decode (a scan bomb)
         image, info = open_image(data, limits)
         if registry.fits_inline(info) and info["cost"] <= settings.heavy_decode_cost:
             async with request.app.state.inference_slots:
-                prepared = _prepare(registry, settings, image, info, limits, choice)
+                prepared = _prepare(registry, settings, image, info, limits, form)
                 return _respond(prepared, infer(prepared.loaded, prepared.pixels[None])[0], form.top_k)
     else:
         image, info = await run_in_threadpool(open_image, data, limits)
@@ -104,7 +102,7 @@ async def _predict(request: Request, form: PredictForm) -> Response:
     async with lane:  # bounds the memory of decoding; the model step is the batcher's queue
         if await request.is_disconnected():  # it left while waiting: skip its decoding
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        prepared = await run_in_threadpool(_prepare, registry, settings, image, info, limits, choice)
+        prepared = await run_in_threadpool(_prepare, registry, settings, image, info, limits, form)
     # The opened image now holds the decoded pixels (up to MAX_IMAGE_PIXELS): let them go before
     # waiting for the model, so that only the slots' images are ever in memory at full size.
     del image, data
@@ -132,18 +130,6 @@ def _check_task_and_dataset(task: str | None, dataset: str | None) -> None:
         )
 
 
-@dataclass(frozen=True)
-class _Choice:
-    """What the form asked for: which model, and how to prepare an MNIST digit."""
-
-    model_id: str | None
-    task: str | None
-    alias: str | None
-    dataset: str | None
-    invert: InvertChoice
-    normalize: NormalizeChoice
-
-
 @dataclass
 class _Prepared:
     """An upload ready for the model: uint8 (C, H, W) ``pixels`` in ``loaded``'s preset."""
@@ -163,7 +149,7 @@ def _prepare(
     image: Image.Image,
     info: dict,
     limits: DecodeLimits,
-    choice: _Choice,
+    form: PredictForm,
 ) -> _Prepared:
     """Decode the upload, resolve and load the model, and preprocess (blocking: run in a thread
     unless the model is light). Raises ``HTTPException`` 422 for a model that does not fit the
@@ -172,15 +158,15 @@ def _prepare(
     info = {k: v for k, v in info.items() if k != "cost"}
     try:
         checkpoint, alias = registry.resolve_with_alias(
-            choice.model_id, choice.task, choice.alias, name=choice.dataset
+            form.model_id, form.task, form.alias, name=form.dataset
         )
-        if choice.dataset and checkpoint.metadata.get("dataset") != choice.dataset:
-            raise ValueError(f"model {checkpoint.model_id} was not trained on dataset {choice.dataset}")
+        if form.dataset and checkpoint.metadata.get("dataset") != form.dataset:
+            raise ValueError(f"model {checkpoint.model_id} was not trained on dataset {form.dataset}")
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     loaded = registry.get(checkpoint)
     _check_resized_size(image, loaded.preset, settings.max_image_pixels)
-    pixels, inverted, framing = preprocess(loaded, image, choice.invert, choice.normalize)
+    pixels, inverted, framing = preprocess(loaded, image, form.invert, form.normalize)
     return _Prepared(loaded, alias, pixels, inverted, framing, info)
 
 
