@@ -22,8 +22,9 @@ import os
 import sys
 from pathlib import Path
 
-from bench.load import ROOT, mnist_pngs, predict_load
-from bench.peers.__main__ import ApiServer, hymenoptera_jpegs
+from bench.data import hymenoptera_jpegs, mnist_pngs
+from bench.load import ROOT, predict_load
+from bench.peers.__main__ import ApiServer
 
 WORKDIR = ROOT / "var" / "api-cpu"
 MODELS_DIR = ROOT / "var" / "peers" / "models"
@@ -76,7 +77,7 @@ def main() -> int:
     args = parse_args()
     model_id = newest_checkpoint(args.models_dir, args.model)
     if args.model == "mnist_lenet5":
-        images = mnist_pngs(args.data_dir)
+        images = [data for _, data, _ in mnist_pngs(args.data_dir)]
     else:
         images = [data for _, data, _ in hymenoptera_jpegs(args.data_dir)]
     for index in range(args.rounds):

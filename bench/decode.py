@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.data import hymenoptera_jpegs
 from bench.load import ROOT
-from bench.peers.__main__ import hymenoptera_jpegs
 from core.images import DecodeLimits, count_jpeg_scans, decode_image, to_mode
 from tasks import get_task
 

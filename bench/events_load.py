@@ -32,7 +32,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench.load import ROOT, Stack, mnist_pngs, predict_load, server_buckets, server_percentiles, train_model
+from bench.data import mnist_pngs
+from bench.load import ROOT, Stack, predict_load, server_buckets, server_percentiles, train_model
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -143,7 +144,7 @@ def main() -> int:
         for process in [worker, *worker.children(recursive=True)]:  # jobs run in these or their children
             process.nice(args.worker_nice)
         model_id = train_model(stack.url)
-        images = mnist_pngs(args.data_dir)
+        images = [data for _, data, _ in mnist_pngs(args.data_dir)]
         job = httpx.post(
             f"{stack.url}/jobs", json={"task": "mnist_lenet5", "hyperparameters": {"epochs": 200}}
         ).json()

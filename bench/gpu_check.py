@@ -350,7 +350,7 @@ def predict_once(url: str, task: str, model_id: str, data_dir: Path) -> str:
     import httpx
 
     try:
-        from bench.peers.__main__ import hymenoptera_jpegs, mnist_pngs
+        from bench.data import hymenoptera_jpegs, mnist_pngs
 
         if task == "mnist_lenet5":
             name, data, content_type = mnist_pngs(data_dir, 1)[0]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import random
@@ -39,9 +38,9 @@ from pathlib import Path
 import httpx
 import psutil
 import redis
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from torchvision.datasets.mnist import read_image_file
+
+from bench.data import mnist_pngs
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -141,16 +140,6 @@ class MemorySampler(threading.Thread):
         start = time.monotonic()
         while not self.stopped.wait(self.interval):
             self.samples.append((time.monotonic() - start, self.process.memory_info().rss))
-
-
-def mnist_pngs(data_dir: Path, n: int = 200) -> list[bytes]:
-    images = read_image_file(str(data_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte"))[:n]
-    out = []
-    for image in images:
-        buffer = io.BytesIO()
-        Image.fromarray(image.numpy()).save(buffer, format="PNG")
-        out.append(buffer.getvalue())
-    return out
 
 
 def train_model(url: str) -> str:
@@ -292,7 +281,7 @@ def main() -> int:
     try:
         stack.start()
         model_id = train_model(stack.url)
-        images = mnist_pngs(args.data_dir)
+        images = [data for _, data, _ in mnist_pngs(args.data_dir)]
         asyncio.run(predict_load(stack.url, model_id, images, 3, args.concurrency))  # warm-up
         sampler = MemorySampler(stack.api.pid)
         sampler.start()

@@ -37,6 +37,8 @@ import httpx
 from PIL import Image
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
+from bench.data import repack_hymenoptera
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 FINAL = ("succeeded", "failed", "cancelled")
@@ -77,8 +79,6 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, dict]]:
 def upload_hymenoptera(client: httpx.Client, data_dir: Path) -> str:
     """Upload hymenoptera_data.zip re-packed as ``photos/{train,val}/<class>/``; the dataset id
     once it is ready. Raises ``SystemExit`` if ingestion fails."""
-    from tests.factories_datasets import repack_hymenoptera
-
     archive = repack_hymenoptera(data_dir / "hymenoptera_data.zip", "train_val")
     response = client.post("/datasets", files={"file": ("hymenoptera-photos.zip", archive)})
     response.raise_for_status()

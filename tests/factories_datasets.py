@@ -57,25 +57,6 @@ def class_images(
     return entries
 
 
-def repack_hymenoptera(source: Path, layout: str) -> bytes:
-    """The official hymenoptera_data.zip re-packed as an upload.
-
-    ``layout="train_val"``: ``photos/train/<class>/...`` and ``photos/val/<class>/...`` (one
-    enclosing folder, as a zipped folder has). ``layout="class_folders"``: ``<class>/<file>``
-    with train and val merged (names prefixed by the split, so none collide).
-    """
-    entries = {}
-    with zipfile.ZipFile(source) as zf:
-        for info in zf.infolist():
-            parts = info.filename.split("/")
-            if info.is_dir() or len(parts) != 4:
-                continue
-            _, split, cls, name = parts
-            key = f"photos/{split}/{cls}/{name}" if layout == "train_val" else f"{cls}/{split}_{name}"
-            entries[key] = zf.read(info)
-    return zip_bytes(entries, zipfile.ZIP_STORED)
-
-
 def cifar_mixed_modes(source: Path, classes: tuple[str, ...], per_class: int) -> bytes:
     """Three CIFAR-10 classes from cifar10-jpg.zip re-packed as ``<class>/*.png`` of mixed sizes
     and modes: some grayscale (L), some RGBA with transparency, some upscaled, and some files

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import math
 import multiprocessing
@@ -55,14 +54,14 @@ import tempfile
 import threading
 import time
 import uuid
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import psutil
-from PIL import Image
+
+from bench.data import hymenoptera_jpegs, mnist_pngs
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
@@ -204,31 +203,6 @@ def checkpoint_for(task: str, args: argparse.Namespace) -> str:
     )
     print(f"  {model_id} in {time.perf_counter() - start:.1f} s, {final.model_dump()}", flush=True)
     return model_id
-
-
-def mnist_pngs(data_dir: Path, n: int = 200) -> list[tuple[str, bytes, str]]:
-    """Every 50th MNIST test digit as PNG: (file name, bytes, content type)."""
-    from torchvision.datasets.mnist import read_image_file
-
-    raw = data_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
-    images = read_image_file(str(raw if raw.exists() else raw.with_suffix(".gz")))
-    out = []
-    for i in range(0, min(len(images), 50 * n), 50):
-        buffer = io.BytesIO()
-        Image.fromarray(images[i].numpy()).save(buffer, format="PNG")
-        out.append((f"mnist_{i}.png", buffer.getvalue(), "image/png"))
-    return out
-
-
-def hymenoptera_jpegs(data_dir: Path) -> list[tuple[str, bytes, str]]:
-    """All hymenoptera val JPEGs, as stored (from the folder or the zip)."""
-    folder = data_dir / "hymenoptera_data" / "val"
-    if folder.is_dir():
-        paths = sorted(folder.glob("*/*.jpg"))
-        return [(p.name, p.read_bytes(), "image/jpeg") for p in paths]
-    with zipfile.ZipFile(data_dir / "hymenoptera_data.zip") as archive:
-        names = sorted(n for n in archive.namelist() if "/val/" in n and n.lower().endswith(".jpg"))
-        return [(Path(n).name, archive.read(n), "image/jpeg") for n in names]
 
 
 # ---------------------------------------------------------------- servers

@@ -15,8 +15,9 @@ import zipfile
 
 import pytest
 
+from bench.data import repack_hymenoptera
 from tests.conftest import Stack, WorkerProcess, api_client, wait_for_status
-from tests.factories_datasets import cifar_mixed_modes, repack_hymenoptera
+from tests.factories_datasets import cifar_mixed_modes
 from tests.integration.test_datasets import upload, wait_dataset
 
 pytestmark = [pytest.mark.realdata, pytest.mark.integration]
