@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from pathlib import Path
 
-from bench.data import hymenoptera_jpegs, mnist_pngs
+from bench.data import DEFAULT_DATA_DIR, hymenoptera_jpegs, mnist_pngs
 from bench.load import ROOT, predict_load
 from bench.peers.__main__ import ApiServer
 
@@ -39,9 +38,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent keep-alive clients")
     parser.add_argument("--rounds", type=int, default=2, help="rounds, each in a fresh API process")
     parser.add_argument("--port", type=int, default=8791)
-    parser.add_argument(
-        "--data-dir", type=Path, default=Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "datasets"))
-    )
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--models-dir", type=Path, default=MODELS_DIR, help="where the checkpoints are")
     parser.add_argument("env", nargs="*", help="KEY=VALUE settings for the API")
     return parser.parse_args()

@@ -5,10 +5,16 @@ as a dataset upload."""
 from __future__ import annotations
 
 import io
+import os
 import zipfile
 from pathlib import Path
 
 from PIL import Image
+
+# DATA_DIR, else the shared folder beside the checkout
+DEFAULT_DATA_DIR = Path(
+    os.environ.get("DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets")
+)
 
 
 def mnist_pngs(data_dir: Path, n: int = 200) -> list[tuple[str, bytes, str]]:

@@ -12,13 +12,11 @@ also builds the ICC transforms a cache then keeps).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-from bench.data import hymenoptera_jpegs
-from bench.load import ROOT
+from bench.data import DEFAULT_DATA_DIR, hymenoptera_jpegs
 from core.images import DecodeLimits, count_jpeg_scans, decode_image, to_mode
 from tasks import get_task
 
@@ -38,9 +36,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--data-dir", type=Path, default=Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "datasets"))
-    )
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--passes", type=int, default=3)
     args = parser.parse_args()
     photos = [data for _, data, _ in hymenoptera_jpegs(args.data_dir)]

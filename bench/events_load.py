@@ -27,13 +27,20 @@ import os
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import httpx
 import psutil
 
 from bench.data import mnist_pngs
-from bench.load import ROOT, Stack, predict_load, server_buckets, server_percentiles, train_model
+from bench.load import (
+    ROOT,
+    Stack,
+    add_stack_args,
+    predict_load,
+    server_buckets,
+    server_percentiles,
+    train_model,
+)
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -46,11 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of /predict load per phase")
     parser.add_argument("--rounds", type=int, default=2, help="without/with rounds")
     parser.add_argument("--concurrency", type=int, default=4, help="concurrent /predict clients")
-    parser.add_argument(
-        "--data-dir", type=Path, default=Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "datasets"))
-    )
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    parser.add_argument("--port", type=int, default=8766)
+    add_stack_args(parser, port=8766)
     parser.add_argument(
         "--worker-nice",
         type=int,

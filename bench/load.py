@@ -40,7 +40,7 @@ import psutil
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.data import mnist_pngs
+from bench.data import DEFAULT_DATA_DIR, mnist_pngs
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -53,12 +53,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of /predict load")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent /predict clients")
     parser.add_argument("--jobs", type=int, default=200, help="job submissions")
-    parser.add_argument(
-        "--data-dir", type=Path, default=Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "datasets"))
-    )
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    parser.add_argument("--port", type=int, default=8765)
+    add_stack_args(parser, port=8765)
     return parser.parse_args()
+
+
+def add_stack_args(parser: argparse.ArgumentParser, port: int) -> None:
+    """The options of a benchmark that starts its own ``Stack``: ``--data-dir`` (DATA_DIR),
+    ``--redis-url`` (REDIS_URL) and the API's ``--port`` (default ``port``)."""
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--port", type=int, default=port)
 
 
 class Stack:

@@ -37,7 +37,7 @@ import httpx
 from PIL import Image
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from bench.data import repack_hymenoptera
+from bench.data import DEFAULT_DATA_DIR, repack_hymenoptera
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -56,9 +56,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None, help="default: the assignment's 10")
     parser.add_argument("--resnet-weights", default="none", choices=["none", "IMAGENET1K_V1", "local"])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=[*TASKS, "custom_resnet18"])
-    parser.add_argument(
-        "--data-dir", type=Path, default=Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "datasets"))
-    )
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     return parser.parse_args()
 
 

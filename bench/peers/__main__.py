@@ -61,7 +61,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench.data import hymenoptera_jpegs, mnist_pngs
+from bench.data import DEFAULT_DATA_DIR, hymenoptera_jpegs, mnist_pngs
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
@@ -134,9 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "before:WEB_CONCURRENCY=1,INFERENCE_BACKEND=torch",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="inference device")
-    parser.add_argument(
-        "--data-dir", type=Path, default=Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "datasets"))
-    )
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--port", type=int, default=8770, help="first of the ports used (8770-8779)")
     parser.add_argument("--rounds", type=int, default=None, help="passes over all servers (1 quick, 2 full)")
     parser.add_argument("--retrain", action="store_true", help="train new checkpoints")
