@@ -32,6 +32,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.data import DEFAULT_DATA_DIR
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "var" / "bench"
@@ -64,12 +66,6 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     return parser.parse_args()
-
-
-def default_data_dir() -> Path:
-    if os.environ.get("DATA_DIR"):
-        return Path(os.environ["DATA_DIR"])
-    return ROOT.parent / "shared" / "datasets"
 
 
 # One measurement, in its own process --------------------------------------------------------
@@ -268,7 +264,7 @@ def main() -> int:
     if args.run_one:
         print(json.dumps(run_one(json.loads(args.run_one))))
         return 0
-    data_dir = args.data_dir or default_data_dir()
+    data_dir = args.data_dir or DEFAULT_DATA_DIR
     cache_dir = WORK / "cache"
     cases = [
         (t, m)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from PIL import Image
 
-# DATA_DIR, else the shared folder beside the checkout
+# DATA_DIR (read at import), else the shared folder beside the checkout
 DEFAULT_DATA_DIR = Path(
-    os.environ.get("DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets")
+    os.environ.get("DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "datasets"
 )
 
 

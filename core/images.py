@@ -440,7 +440,9 @@ def should_invert(image: Image.Image, choice: InvertChoice) -> bool:
     """For an L-mode image: invert if asked, or on ``auto`` when the border (outer 10 %) is light."""
     if choice != "auto":
         return choice == "true"
-    border = _border(np.asarray(image))  # 8-bit values, summed exactly: no float copy of the image
+    # the 8-bit border summed exactly, without a float copy of the image (a float32 mean, as
+    # before, rounds once the border passes about 65,000 pixels)
+    border = _border(np.asarray(image))
     return float(border.sum(dtype=np.float64)) / border.size > 127.5
 
 
