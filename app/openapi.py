@@ -25,6 +25,7 @@ EXCLUSIVE_FIELDS: dict[str, list[tuple[str, str]]] = {
 # their schemas join the document's components (the routes refer to them with multipart_body), and
 # they refuse unknown fields (a typo such as `topk` is a 422, not ignored).
 FORM_MODELS: tuple[type[BaseModel], ...] = (PredictForm,)
+FORM_MODEL_NAMES = frozenset(model.__name__ for model in FORM_MODELS)
 # The documentation's sections, in this order (Swagger UI and ReDoc follow it), whatever the order
 # in which the routers were included (app/api/main.py puts the hot path first).
 TAGS: list[dict[str, str]] = [
@@ -175,13 +176,15 @@ def complete_openapi(schema: dict[str, Any], auth: bool = True) -> dict[str, Any
             fields = ONE_OF_FIELDS.get(path)
             body = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data", {})
             ref = body.get("schema", {}).get("$ref", "")
-            if ref:
-                _no_nulls_in_form(components[ref.rsplit("/", 1)[-1]])
-            if ref and ref.rsplit("/", 1)[-1] in {model.__name__ for model in FORM_MODELS}:
-                components[ref.rsplit("/", 1)[-1]]["additionalProperties"] = False
-                _empty_means_absent(components[ref.rsplit("/", 1)[-1]])
-            if fields and ref:
-                form = components[ref.rsplit("/", 1)[-1]]
+            if not ref:
+                continue
+            name = ref.rsplit("/", 1)[-1]
+            form = components[name]
+            _no_nulls_in_form(form)
+            if name in FORM_MODEL_NAMES:
+                form["additionalProperties"] = False
+                _empty_means_absent(form)
+            if fields:
                 present = [f for f in fields if f in form.get("properties", {})]
                 # an empty field counts as absent, so "given" means non-empty
                 form["anyOf"] = [
@@ -189,8 +192,7 @@ def complete_openapi(schema: dict[str, Any], auth: bool = True) -> dict[str, Any
                 ]
                 form["description"] = f"The image, and at least one of: {', '.join(present)}."
             pairs = EXCLUSIVE_FIELDS.get(path)
-            if pairs and ref:
-                form = components[ref.rsplit("/", 1)[-1]]
+            if pairs:
                 form["not"] = {
                     "anyOf": [
                         {"required": list(pair), "properties": {name: {"minLength": 1} for name in pair}}

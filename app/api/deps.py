@@ -8,12 +8,21 @@ from celery import Celery
 from fastapi import Depends, Request
 
 from app.inference import ModelRegistry
+from app.schemas import error_responses
+from app.security import require_api_key
 from core.config import Settings
 from core.datasets import DatasetStore
 from core.jobs import JobStore
 from models_store.aliases import AliasStore
 from models_store.checkpoint import CheckpointStore
 from models_store.export import ExportCache
+
+# The route settings of everything behind the API key: the protected router (app/api/main.py) and
+# /metrics, which sits with the open probes.
+API_KEY_REQUIRED = {
+    "dependencies": [Depends(require_api_key)],
+    "responses": error_responses(_401="Missing or wrong API key (when the server has API_KEYS)."),
+}
 
 
 async def get_settings_dep(request: Request) -> Settings:

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
+from app.api.deps import API_KEY_REQUIRED
 from app.api.routes import datasets, health, jobs, models, predict, ui
-from app.schemas import error_responses
-from app.security import require_api_key
 
-protected = APIRouter(
-    dependencies=[Depends(require_api_key)],
-    responses=error_responses(_401="Missing or wrong API key (when the server has API_KEYS)."),
-)
+protected = APIRouter(**API_KEY_REQUIRED)
 # FastAPI tries routes in the order they were added, twice per request (its router and then the
 # included one), at a few microseconds per route: /predict, the hot path, is tried first. The
 # documentation's order is set by TAGS (app/openapi.py), not by this one.

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from app.api.deps import JobStoreDep
+from app.api.deps import API_KEY_REQUIRED, JobStoreDep
 from app.job_metrics import metrics_payload
-from app.schemas import HealthPublic, ReadyPublic, error_responses
-from app.security import require_api_key
+from app.schemas import HealthPublic, ReadyPublic
 
 router = APIRouter(tags=["health"])
 
@@ -35,13 +34,7 @@ def readyz(jobs: JobStoreDep) -> ReadyPublic | JSONResponse:
     return ReadyPublic(status="ready", redis="ok", workers=workers)
 
 
-@router.get(
-    "/metrics",
-    summary="Prometheus metrics",
-    response_class=Response,
-    dependencies=[Depends(require_api_key)],
-    responses=error_responses(_401="Missing or wrong API key (when the server has API_KEYS)."),
-)
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response, **API_KEY_REQUIRED)
 def metrics(request: Request) -> Response:
     """HTTP requests, latency and inference time (of every API process with
     PROMETHEUS_MULTIPROC_DIR), and the jobs read from Redis: by status, queue depth, live
