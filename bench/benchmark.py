@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -33,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.data import DEFAULT_DATA_DIR
+from bench.host import describe_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -163,26 +163,6 @@ def clear_product_cache(cache_dir: Path, task: str) -> None:
         shutil.rmtree(cache_dir / "features", ignore_errors=True)
 
 
-def machine() -> dict:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
-    import torch
-
-    return {
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def summarize(task: str, mode: str | None, runs: dict) -> dict:
     ref, cold, warm = runs.get("reference"), runs["cold"], runs["warm"]
     row = {
@@ -276,7 +256,7 @@ def main() -> int:
     report = {
         "date": started.isoformat(timespec="seconds"),
         "command": command,
-        "machine": machine(),
+        "machine": describe_machine(),
         "runs": [],
         "rows": [],
     }

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -32,6 +31,7 @@ import httpx
 import psutil
 
 from bench.data import mnist_pngs
+from bench.host import describe_machine
 from bench.load import (
     ROOT,
     Stack,
@@ -195,7 +195,7 @@ def main() -> int:
     }
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{os.cpu_count()} CPUs, {round(psutil.virtual_memory().total / 2**30)} GiB",
+        "machine": describe_machine(),
         "command": " ".join(["python -m bench.events_load", *sys.argv[1:]]),
         "streams": args.streams,
         "concurrency": args.concurrency,

@@ -41,6 +41,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.data import DEFAULT_DATA_DIR, mnist_pngs
+from bench.host import describe_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -299,7 +300,7 @@ def main() -> int:
         stack.stop()
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{os.cpu_count()} CPUs, {round(psutil.virtual_memory().total / 2**30)} GiB",
+        "machine": describe_machine(),
         "command": " ".join(["python -m bench.load", *sys.argv[1:]]),
         "duration_s": args.duration,
         "concurrency": args.concurrency,

@@ -62,6 +62,7 @@ import httpx
 import psutil
 
 from bench.data import DEFAULT_DATA_DIR, hymenoptera_jpegs, mnist_pngs
+from bench.host import describe_machine
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
@@ -1123,7 +1124,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.extend(task_runs)
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{os.cpu_count()} CPUs, {round(psutil.virtual_memory().total / 2**30)} GiB",
+        "machine": describe_machine(),
         "command": " ".join(["python -m bench.peers", *(argv if argv is not None else sys.argv[1:])]),
         "tag": args.tag,
         "loadgen": args.loadgen,
