@@ -258,6 +258,11 @@ class CheckpointStore:
             raise CheckpointInvalid(f"model {model_id}: unreadable weights: {exc}") from exc
         return tensors, info.metadata
 
+    def exists(self, model_id: str) -> bool:
+        """Whether ``model_id`` has a checkpoint directory in the store (valid or not). Raises
+        ``InvalidModelId``."""
+        return (self.root / validate_model_id(model_id)).is_dir()
+
     def delete(self, model_id: str) -> None:
         """Remove a checkpoint: renamed to a hidden name first, so it disappears in one step."""
         path = self.root / validate_model_id(model_id)

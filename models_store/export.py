@@ -190,5 +190,11 @@ class ExportCache:
         return target
 
     def remove(self, model_id: str) -> None:
-        """Delete every cached export of ``model_id`` (after the model was deleted)."""
-        shutil.rmtree(self.root / validate_model_id(model_id), ignore_errors=True)
+        """Delete every cached export of ``model_id`` (after the model was deleted). Waits for an
+        export of it being built to finish first, so that the build does not fail half-way."""
+        directory = self.root / validate_model_id(model_id)
+        if not directory.is_dir():
+            return
+        with open(directory / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            shutil.rmtree(directory, ignore_errors=True)

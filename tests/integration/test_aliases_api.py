@@ -188,6 +188,42 @@ def test_delete_while_a_prediction_runs_lets_it_finish(stack):
         assert predict(client, model_id=model_id).status_code == 404
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
+def test_delete_during_an_export_answers_404_not_500(stack, fmt, monkeypatch):
+    """QA: a DELETE while the export was being built made the export answer 500 (the directory of
+    its temporary file was removed under it). Now the delete waits for the build, the export
+    answers 404 naming the deletion, and nothing of the model is left in the cache."""
+    from app.api.routes import models as routes
+
+    models_dir = stack.settings().models_dir
+    model_id = make_model_checkpoint(models_dir, "mnist_lenet5")
+
+    def after_the_delete(build):  # the build runs on while the DELETE removes the checkpoint
+        def slow(*args, **kwargs):
+            deadline = time.monotonic() + 30
+            while (models_dir / model_id).exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return build(*args, **kwargs)
+
+        return slow
+
+    monkeypatch.setattr(routes, "export_onnx", after_the_delete(routes.export_onnx))
+    monkeypatch.setattr(routes, "safetensors_zip", after_the_delete(routes.safetensors_zip))
+    with api_client(stack) as client:
+        assert predict(client, model_id=model_id).status_code == 200  # loaded: ONNX builds from memory
+        result = {}
+        export = threading.Thread(
+            target=lambda: result.update(r=client.get(f"/models/{model_id}/export?format={fmt}"))
+        )
+        export.start()
+        time.sleep(0.5)  # the export is now building
+        assert client.delete(f"/models/{model_id}").status_code == 204
+        export.join(60)
+        assert result["r"].status_code == 404, result["r"].text
+        assert "deleted while it was being exported" in result["r"].json()["detail"]
+        assert not (stack.settings().cache_dir / "exports" / model_id).exists()
+
+
 def test_pinned_model_is_served_while_redis_is_down(make_stack, tmp_path):
     server = RedisServer(tmp_path / "redis").start()
     try:

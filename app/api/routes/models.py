@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import os
+from collections.abc import Iterator
+from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 
 from app.api.deps import AliasesDep, CheckpointsDep, ExportsDep, RegistryDep
 from app.figures import PNG, confusion_png, run_bounded
@@ -13,6 +15,7 @@ from app.schemas import AliasPublic, ModelPublic, ModelsPublic, error_responses
 from models_store.aliases import ALIAS_PATTERN, model_name, validate_alias
 from models_store.checkpoint import (
     MODEL_ID_PATTERN,
+    CheckpointError,
     CheckpointInfo,
     CheckpointInvalid,
     ModelNotFound,
@@ -165,7 +168,7 @@ MEDIA_TYPES = {"onnx": "application/octet-stream", "safetensors": "application/z
 
 @router.get(
     "/{model_id}/export",
-    response_class=FileResponse,
+    response_class=StreamingResponse,
     summary="Download the model as ONNX, or as a zip of its safetensors weights and metadata.json",
     responses={
         200: {"content": {"application/octet-stream": {}, "application/zip": {}}, "description": "The file."}
@@ -181,7 +184,7 @@ def export_model(
     registry: RegistryDep,
     exports: ExportsDep,
     format: Annotated[ExportFormat, Query(description="`onnx` or `safetensors` (a zip).")] = "onnx",
-) -> FileResponse:
+) -> StreamingResponse:
     """ONNX: input `input` float32 (N, C, H, W), the normalised image batch (N dynamic); output
     `logits` (N, K). Its `metadata_props` hold the preprocessing (mode, resize, crop, input_size,
     mean, std) and the class names. Built on the first request (seconds for ResNet18), then cached."""
@@ -199,9 +202,34 @@ def export_model(
         proto = export_onnx(loaded.model, loaded.preset, loaded.classes, meta)
         path.write_bytes(proto.SerializeToString())
 
-    path = exports.get_or_build(model_id, sha256, format, build)
+    try:
+        path = exports.get_or_build(model_id, sha256, format, build)
+        file = path.open("rb")  # held open: a DELETE from now on no longer affects this download
+    except (OSError, CheckpointError):
+        if not checkpoints.exists(model_id):
+            raise ModelNotFound(f"model {model_id} was deleted while it was being exported") from None
+        raise
+    if not checkpoints.exists(model_id):  # deleted while its (cached) export was being built
+        file.close()
+        exports.remove(model_id)
+        raise ModelNotFound(f"model {model_id} was deleted while it was being exported")
     suffix = "onnx" if format == "onnx" else "zip"
-    return FileResponse(path, media_type=MEDIA_TYPES[format], filename=f"{model_id}.{suffix}")
+    return StreamingResponse(
+        iter_and_close(file),
+        media_type=MEDIA_TYPES[format],
+        headers={
+            "Content-Length": str(os.fstat(file.fileno()).st_size),
+            "Content-Disposition": f'attachment; filename="{model_id}.{suffix}"',
+        },
+    )
+
+
+def iter_and_close(file: BinaryIO, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+    """The file's bytes in chunks of ``chunk_bytes``; closes it at the end (or when the client
+    goes away)."""
+    with file:
+        while chunk := file.read(chunk_bytes):
+            yield chunk
 
 
 @router.get(
