@@ -13,6 +13,12 @@ Keys (``p`` = ``REDIS_PREFIX``)::
                           or running)
 
 Every transition is a Lua script, atomic with respect to the other side.
+
+Files: an upload is ingested in a folder of its own, ``DATASETS_DIR/.ingest/<id>-<upload time>``
+(``ingest_folder``), and the worker moves it to ``DATASETS_DIR/<id>`` when it is ready. The
+upload time (``created_at``) tells the uploads of the same bytes apart: after a DELETE and a new
+upload of them, the first ingestion's writes (``DatasetStore.update``) and files can no longer
+touch the second's.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import time
 from datetime import UTC, datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -193,11 +200,13 @@ redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 return {'created', ARGV[1]}
 """
 
-# KEYS: record. ARGV: json, only_if_status
+# KEYS: record. ARGV: json, only_if_status, created_at (another upload of the same bytes: missing)
 _UPDATE = """
 local current = redis.call('GET', KEYS[1])
 if not current then return 'missing' end
-if cjson.decode(current)['status'] ~= ARGV[2] then return 'status_changed' end
+local decoded = cjson.decode(current)
+if ARGV[3] ~= '' and decoded['created_at'] ~= ARGV[3] then return 'missing' end
+if decoded['status'] ~= ARGV[2] then return 'status_changed' end
 redis.call('SET', KEYS[1], ARGV[1])
 return 'ok'
 """
@@ -328,9 +337,13 @@ class DatasetStore:
     def update(
         self, record: DatasetRecord, only_if: DatasetStatus = DatasetStatus.ingesting
     ) -> UpdateOutcome:
-        """Replace the record if its stored status is still ``only_if``: ``ok``, ``missing``
-        (deleted meanwhile) or ``status_changed``."""
-        outcome = self._update(keys=[self.key(record.id)], args=[record.model_dump_json(), only_if.value])
+        """Replace the record if its stored status is still ``only_if`` and it is the same upload
+        (``created_at``): ``ok``, ``missing`` (deleted meanwhile, or since uploaded again) or
+        ``status_changed``."""
+        payload = record.model_dump(mode="json")
+        outcome = self._update(
+            keys=[self.key(record.id)], args=[json.dumps(payload), only_if.value, payload["created_at"] or ""]
+        )
         return UpdateOutcome(outcome)
 
     def delete(self, dataset_id: str, job_key_prefix: str) -> DeleteResult:
@@ -360,6 +373,19 @@ def _parse(dataset_id: str, raw: str) -> DatasetRecord:
 
 
 STALE_INGESTION_S = 600
+INGEST_DIR = ".ingest"
+
+
+def ingest_folder(datasets_dir: Path, record: DatasetRecord) -> Path:
+    """Where this upload of the dataset is ingested: ``DATASETS_DIR/.ingest/<id>-<upload time>``
+    (one folder per upload, see the module docstring)."""
+    stamp = record.created_at.strftime("%Y%m%dT%H%M%S%f") if record.created_at else "0"
+    return Path(datasets_dir) / INGEST_DIR / f"{record.id}-{stamp}"
+
+
+def same_upload(stored: DatasetRecord | None, record: DatasetRecord) -> bool:
+    """Whether ``stored`` (the record now in Redis) is still the upload ``record`` was read from."""
+    return stored is not None and stored.created_at == record.created_at
 
 
 def ingestion_stalled(record: DatasetRecord, now: datetime) -> bool:

@@ -53,6 +53,8 @@ from core.datasets import (
     DatasetStore,
     SkippedFile,
     UpdateOutcome,
+    ingest_folder,
+    same_upload,
     utcnow,
 )
 from core.images import DecodeLimits, ImageRejected, decode_image, to_mode
@@ -115,7 +117,9 @@ def ingest_dataset(dataset_id: str, settings: Settings) -> str:
     """Ingest dataset ``dataset_id`` if its record is ``ingesting``; returns the final status
     (``ready``, ``failed``) or why nothing was done (``missing``, the record's status).
 
-    Never raises for a bad archive or a full disk: that is recorded on the dataset.
+    Works in this upload's own folder (``core.datasets.ingest_folder``) and moves it to
+    ``DATASETS_DIR/<id>`` when ready. Never raises for a bad archive or a full disk: that is
+    recorded on the dataset.
     """
     store = DatasetStore(redis_client(settings.redis_url, settings.redis_timeout_s), settings.redis_prefix)
     record = store.get(dataset_id)
@@ -123,7 +127,7 @@ def ingest_dataset(dataset_id: str, settings: Settings) -> str:
         return "missing"
     if record.status != DatasetStatus.ingesting:
         return record.status.value
-    folder = Path(settings.datasets_dir) / dataset_id
+    folder = ingest_folder(settings.datasets_dir, record)
     started = time.perf_counter()
     progress = _progress_writer(store, record)
     try:
@@ -134,7 +138,7 @@ def ingest_dataset(dataset_id: str, settings: Settings) -> str:
     except IngestFailed as exc:
         return _fail(store, record, folder, str(exc))
     except OSError as exc:
-        if _gone(store, dataset_id):  # DELETE removed its files before the next progress write
+        if _gone(store, record):  # DELETE removed its files before the next progress write
             return _deleted(dataset_id, folder)
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             return _fail(store, record, folder, f"disk full while writing {folder}: {exc.strerror}")
@@ -145,17 +149,22 @@ def ingest_dataset(dataset_id: str, settings: Settings) -> str:
         return _fail(store, record, folder, f"{type(exc).__name__}: {exc}")
     ready = record.model_copy(update={**result, "status": DatasetStatus.ready, "finished_at": utcnow()})
     ready.progress = {}
-    if store.update(ready) is not UpdateOutcome.ok:  # deleted meanwhile: leave nothing behind
-        shutil.rmtree(folder, ignore_errors=True)
-        return "missing"
     (folder / UPLOAD_FILE).unlink(missing_ok=True)  # the decoded cache is the dataset now
+    final = Path(settings.datasets_dir) / dataset_id
+    if _gone(store, record):
+        return _deleted(dataset_id, folder)
+    shutil.rmtree(final, ignore_errors=True)  # what an earlier upload of these bytes left
+    os.replace(folder, final)
+    if store.update(ready) is not UpdateOutcome.ok:  # deleted meanwhile: leave nothing behind
+        return _deleted(dataset_id, final)
     log.info("dataset %s ready in %.1f s: %s", dataset_id, time.perf_counter() - started, ready.images)
     return DatasetStatus.ready.value
 
 
-def _gone(store: DatasetStore, dataset_id: str) -> bool:
+def _gone(store: DatasetStore, record: DatasetRecord) -> bool:
+    """Whether the dataset was deleted (or deleted and uploaded again) since ``record`` was read."""
     try:
-        return store.get(dataset_id) is None
+        return not same_upload(store.get(record.id), record)
     except Exception:  # Redis down or a damaged record: not known to be deleted
         return False
 

@@ -27,6 +27,8 @@ from core.datasets import (
     DeleteOutcome,
     DeleteResult,
     UpdateOutcome,
+    ingest_folder,
+    utcnow,
 )
 from core.jobs import JobStore, redis_client
 from tests.conftest import api_client, wait_for, wait_for_status
@@ -153,9 +155,9 @@ def test_a_dataset_deleted_while_its_files_are_read_ends_missing_without_an_erro
     settings = stack.settings().model_copy(update={"datasets_dir": tmp_path / "datasets"})
     client = redis_client(settings.redis_url, 2.0)
     datasets = DatasetStore(client, settings.redis_prefix)
-    record = DatasetRecord(id="d" * 32, name="gone", status=DatasetStatus.ingesting)
+    record = DatasetRecord(id="d" * 32, name="gone", status=DatasetStatus.ingesting, created_at=utcnow())
     datasets.create(record)
-    (tmp_path / "datasets" / record.id).mkdir(parents=True)
+    ingest_folder(tmp_path / "datasets", record).mkdir(parents=True)
 
     def deleted_meanwhile(folder, settings, progress):
         datasets.delete(record.id, f"{settings.redis_prefix}:job:")
@@ -167,7 +169,45 @@ def test_a_dataset_deleted_while_its_files_are_read_ends_missing_without_an_erro
         assert ingest.ingest_dataset(record.id, settings) == "missing"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert "deleted while ingesting" in caplog.text
-    assert datasets.get(record.id) is None and not (tmp_path / "datasets" / record.id).exists()
+    assert datasets.get(record.id) is None and not ingest_folder(tmp_path / "datasets", record).exists()
+
+
+def test_an_ingestion_superseded_by_a_new_upload_of_the_same_bytes_leaves_it_alone(
+    stack, tmp_path, monkeypatch
+):
+    """QA: DELETE while ingesting, then the same archive uploaded again under another name: the
+    first ingestion failed on its removed files, marked the new upload failed under the old name
+    and removed its archive. Now each upload has its own folder and the first ingestion's writes
+    are refused: it stops, and the second upload ingests under its own name."""
+    settings = stack.settings().model_copy(update={"datasets_dir": tmp_path / "datasets"})
+    datasets = DatasetStore(redis_client(settings.redis_url, 2.0), settings.redis_prefix)
+    archive = zip_bytes(class_images({"a": 2, "b": 2}))
+    first = DatasetRecord(id="e" * 32, name="r1", status=DatasetStatus.ingesting, created_at=utcnow())
+    datasets.create(first)
+    ingest_folder(settings.datasets_dir, first).mkdir(parents=True)
+    (ingest_folder(settings.datasets_dir, first) / "upload").write_bytes(archive)
+    second = first.model_copy(update={"name": "r2", "created_at": utcnow()})
+    real_build = ingest.build_dataset
+
+    def superseded_meanwhile(folder, settings, progress):  # DELETE, then the same bytes again
+        datasets.delete(first.id, f"{settings.redis_prefix}:job:")
+        datasets.create(second)
+        ingest_folder(settings.datasets_dir, second).mkdir(parents=True)
+        (ingest_folder(settings.datasets_dir, second) / "upload").write_bytes(archive)
+        shutil.rmtree(folder)  # as the DELETE does
+        return real_build(folder, settings, progress)
+
+    monkeypatch.setattr(ingest, "build_dataset", superseded_meanwhile)
+    assert ingest.ingest_dataset(first.id, settings) == "missing"
+    stored = datasets.get(first.id)
+    assert (stored.name, stored.status, stored.error) == ("r2", DatasetStatus.ingesting, None)
+    assert (ingest_folder(settings.datasets_dir, second) / "upload").read_bytes() == archive
+    monkeypatch.setattr(ingest, "build_dataset", real_build)
+    assert ingest.ingest_dataset(first.id, settings) == "ready"
+    stored = datasets.get(first.id)
+    assert (stored.name, stored.status, stored.images) == ("r2", DatasetStatus.ready, {"train": 2, "val": 2})
+    assert sorted(os.listdir(settings.datasets_dir / first.id)) == ["images.safetensors"]
+    assert os.listdir(settings.datasets_dir / ".ingest") == []
 
 
 def test_the_dataset_list_is_paged_built_ins_first_then_uploads_newest_first(stack):

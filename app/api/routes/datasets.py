@@ -32,11 +32,13 @@ from app.schemas import error_responses
 from core.datasets import (
     BUILTIN_DATASETS,
     DatasetRecord,
+    DatasetRecordCorrupt,
     DatasetsPublic,
     DatasetStatus,
     DatasetStore,
     DeleteOutcome,
     builtin_record,
+    ingest_folder,
     ingestion_stalled,
     sniff_archive,
     utcnow,
@@ -445,7 +447,7 @@ async def upload_dataset(
         sink.discard()
         raise
     response.headers["Location"] = f"/datasets/{dataset_id}"
-    folder = root / dataset_id
+    folder = ingest_folder(root, stored)
     if not created and ingestion_stalled(stored, utcnow()):
         if not (folder / "upload").is_file():
             await anyio.to_thread.run_sync(_place_upload, sink.path, folder)
@@ -527,6 +529,10 @@ def delete_dataset(dataset_id: DatasetId, request: Request, settings: SettingsDe
     if dataset_id in BUILTIN_DATASETS:
         raise HTTPException(status.HTTP_409_CONFLICT, f"{dataset_id} is built in and cannot be deleted")
     store = get_dataset_store(request)
+    try:
+        record = store.get(dataset_id)
+    except DatasetRecordCorrupt:  # deleted all the same
+        record = None
     result = store.delete(dataset_id, f"{store.prefix}:job:")
     if result.outcome == DeleteOutcome.missing:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dataset with id {dataset_id}")
@@ -535,4 +541,6 @@ def delete_dataset(dataset_id: DatasetId, request: Request, settings: SettingsDe
         jobs = f"job {ids[0]} is" if len(ids) == 1 else f"jobs {', '.join(ids)} are"
         raise HTTPException(status.HTTP_409_CONFLICT, f"{jobs} queued or running on dataset {dataset_id}")
     shutil.rmtree(FilePath(settings.datasets_dir) / dataset_id, ignore_errors=True)
+    if record is not None:  # an ingestion in progress then finds its files gone and stops
+        shutil.rmtree(ingest_folder(settings.datasets_dir, record), ignore_errors=True)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
