@@ -103,6 +103,23 @@ def safe_name(raw: str) -> str:
     return "/".join(parts)
 
 
+ZIP_UTF8_FLAG = 0x800  # general purpose bit 11: the name is UTF-8 (APPNOTE.TXT 4.4.4)
+
+
+def zip_entry_name(info: zipfile.ZipInfo) -> str:
+    """The entry's name as its writer meant it. Without the UTF-8 flag, ``zipfile`` decodes a name
+    as CP437, as APPNOTE says, but Info-ZIP's ``zip`` on Linux and macOS writes UTF-8 names without
+    setting it: 'ship ⛵' came out as 'ship Γ¢╡'. Like ``unzip``, a flagless name whose bytes are
+    valid UTF-8 is read as UTF-8 (CP437 maps every byte, so the bytes are recovered exactly)."""
+    if info.flag_bits & ZIP_UTF8_FLAG or info.filename.isascii():
+        return info.filename
+    raw = info.filename.encode("cp437")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return info.filename
+
+
 def detect_format(path: Path) -> str:
     """``zip``, ``tar`` or ``tar.gz`` from the file's first bytes; raises ``ArchiveRefused``."""
     with open(path, "rb") as f:
@@ -167,7 +184,7 @@ class SafeArchive:
                 kind = "device"
             else:
                 kind = "file"
-            members.append(Member(safe_name(info.filename), kind, info.file_size, info.compress_size))
+            members.append(Member(safe_name(zip_entry_name(info)), kind, info.file_size, info.compress_size))
         return members
 
     @staticmethod
@@ -221,7 +238,7 @@ class SafeArchive:
         try:
             with zipfile.ZipFile(self.path) as zf:
                 for info in zf.infolist():
-                    name = safe_name(info.filename)
+                    name = safe_name(zip_entry_name(info))
                     if name not in names or info.is_dir():
                         continue
                     if info.file_size > self.limits.max_file_bytes:

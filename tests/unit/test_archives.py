@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import zipfile
 
 import pytest
@@ -17,7 +18,7 @@ from tests.factories_datasets import (
     tar_bytes,
     zip_bytes,
 )
-from worker.archives import ArchiveRefused, Limits, Member, SafeArchive, safe_name
+from worker.archives import ArchiveRefused, Limits, Member, SafeArchive, safe_name, zip_entry_name
 from worker.ingest import IngestFailed, build_dataset, load_uploaded, plan_layout
 
 LIMITS = Limits(max_entries=100, max_total_bytes=10 << 20, max_ratio=100, max_file_bytes=1 << 20)
@@ -158,3 +159,32 @@ def test_zip_reading_is_bounded_per_file(tmp_path):
     )
     read = dict(archive.read({"a/0.png", "a/1.png"}))
     assert read["a/1.png"] == b"ok" and not isinstance(read["a/0.png"], bytes)
+
+
+def info_zip_bytes(entries: dict[str, bytes]) -> bytes:
+    """A zip as Info-ZIP's ``zip`` writes it on Linux: UTF-8 names without the UTF-8 flag
+    (Python's zipfile sets the flag for any non-ASCII name, so the names are patched in)."""
+    placeholders = {name: f"Q{index}Z".ljust(len(name.encode()), "Z") for index, name in enumerate(entries)}
+    data = zip_bytes({placeholders[name]: content for name, content in entries.items()})
+    for name, placeholder in placeholders.items():
+        data = data.replace(placeholder.encode(), name.encode())
+    return data
+
+
+def test_utf8_names_without_the_utf8_flag_are_read_as_utf8(tmp_path):
+    """QA: `zip -qr` (Info-ZIP 3.0) gave the class 'ship ⛵' as 'ship Γ¢╡' (read as CP437)."""
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    images = class_images({"a": 3, "b": 3})
+    names = {"a": "ship ⛵", "b": "chat_é"}
+    entries = {f"{names[key[0]]}/{key[2:]}": value for key, value in images.items()}
+    archive = info_zip_bytes(entries)
+    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+        assert not any(info.flag_bits & 0x800 for info in zf.infolist())
+        assert "ship Γ¢╡/000.png" in zf.namelist()  # what zipfile alone makes of it
+    (folder / "upload").write_bytes(archive)
+    assert build_dataset(folder, Settings(_env_file=None))["classes"] == ["chat_é", "ship ⛵"]
+    # names that are not UTF-8 stay as CP437 decodes them (e.g. DOS-era 'ä' = 0x84)
+    legacy = zip_bytes({"xx/000.png": images["a/000.png"]}).replace(b"xx/", b"\x84x/")
+    with zipfile.ZipFile(io.BytesIO(legacy)) as zf:
+        assert [zip_entry_name(i) for i in zf.infolist()] == ["äx/000.png"]
