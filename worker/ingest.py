@@ -256,6 +256,7 @@ def plan_layout(members: list[Member], max_ratio: float, max_file_bytes: int) ->
     prefix = _enclosing_folder([m.name for m in files])
     top = {m.name[len(prefix) :].split("/")[0] for m in files if "/" in m.name[len(prefix) :]}
     layout = "train_val" if "train" in top and top <= {"train", "val", "test"} else "class_folders"
+    _check_not_mixed(prefix, files, top)
     if "train" in top and "val" not in top and layout == "train_val":
         raise IngestFailed("the archive has train/ but no val/: give both, or only <class>/ folders")
     candidates: dict[str, _Candidate] = {}
@@ -282,6 +283,21 @@ def plan_layout(members: list[Member], max_ratio: float, max_file_bytes: int) ->
             split = rel[0] if layout == "train_val" else None
             candidates[member.name] = _Candidate(member.name, where[0], split)
     return _Plan(layout, candidates, skipped, ignored)
+
+
+def _check_not_mixed(prefix: str, files: list[Member], top: set[str]) -> None:
+    """Refuse split folders (``train/<class>/...``) beside class folders (``dog/...``): read as
+    class folders, 'train' and 'val' would become classes. A class folder that happens to be
+    called ``train`` (images right inside it) is fine."""
+    nested = {rel[0] for rel in (m.name[len(prefix) :].split("/") for m in files) if len(rel) >= 3}
+    splits = nested & {"train", "val", "test"}
+    others = sorted(top - {"train", "val", "test"})
+    if splits and others:
+        shown = ", ".join(f"{name}/" for name in others[:5]) + (", ..." if len(others) > 5 else "")
+        raise IngestFailed(
+            f"the archive mixes split folders ({', '.join(f'{s}/' for s in sorted(splits))}) with other "
+            f"top folders ({shown}): lay it out as train/<class>/ + val/<class>/, or as <class>/ folders only"
+        )
 
 
 def _enclosing_folder(names: list[str]) -> str:

@@ -132,6 +132,16 @@ def test_layouts_enclosing_folder_and_junk():
     assert {c.cls for c in single.candidates.values()} == {"cats"}
     with pytest.raises(IngestFailed, match="no val/"):
         plan("train/cats/a.jpg", "train/dogs/b.jpg")
+    # QA: split folders beside a class folder were read as the classes train, val and dog
+    mixed = ("train/cat/a.jpg", "train/dog/b.jpg", "val/cat/c.jpg", "val/dog/d.jpg", "dog/e.jpg")
+    with pytest.raises(
+        IngestFailed, match=r"mixes split folders \(train/, val/\) with other top folders \(dog/\)"
+    ):
+        plan(*mixed)
+    with pytest.raises(IngestFailed, match="mixes split folders"):
+        plan(*(f"photos/{name}" for name in mixed))  # inside an enclosing folder too
+    trains = plan("train/a.jpg", "car/b.jpg", "bus/c.jpg")  # a class called train (images in it)
+    assert {c.cls for c in trains.candidates.values()} == {"train", "car", "bus"}
 
 
 def test_the_cache_is_valid_safetensors_in_imagefolder_order(tmp_path):
