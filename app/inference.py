@@ -187,6 +187,11 @@ class ModelRegistry:
             info = next((i for i in infos if not task or i.task == task), None)
         else:
             info = self.store.newest(task)
+        if info is None and name and name != task:
+            raise ModelNotFound(
+                f"no model trained on dataset {name}: GET /datasets/{name} says whether it exists and is "
+                f'ready; then train one with POST /jobs {{"task": "custom_resnet18", "dataset": "{name}"}}'
+            )
         if info is None:
             raise ModelNotFound(f"no trained {name or task} model yet: submit a job with POST /jobs first")
         return info

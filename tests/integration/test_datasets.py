@@ -515,7 +515,8 @@ def test_custom_resnet18_trains_on_an_upload_and_predicts_its_classes(make_stack
         )
         assert mismatch.status_code == 422 and "not trained on dataset" in mismatch.text
         unknown = client.post("/predict", files={"file": red}, data={"dataset": "f" * 32})
-        assert unknown.status_code == 404 and "no trained" in unknown.text
+        assert unknown.status_code == 404, unknown.text
+        assert f"no model trained on dataset {'f' * 32}: GET /datasets/{'f' * 32}" in unknown.json()["detail"]
         assert client.get("/jobs").json()["count"] == before
 
         # a dataset in use by a queued job cannot be deleted
