@@ -343,3 +343,75 @@ def test_custom_task_form_asks_for_an_uploaded_dataset(browser, make_stack, star
         watched.check()
     finally:
         watched.close()
+
+
+def test_a_model_of_an_uploaded_dataset_in_the_console(
+    browser, make_stack, start_worker, start_api, tmp_path
+):
+    """A model trained on an upload (custom_resnet18): the job list filters by its task and says
+    "1 epoch"; its model page shows the upload's classes, its evaluation and the images of its
+    mistakes; a picture of the upload dropped on the predict page gets the upload's labels; and
+    once the model is deleted, the predict page says so instead of "no model to use yet" (QA)."""
+    from tests.factories_datasets import class_images, zip_bytes
+
+    stack = make_stack(datasets_dir=tmp_path / "datasets")
+    start_worker(stack)
+    api = start_api(stack)
+    images = class_images({"red": 12, "green": 12, "blue": 12}, size=64)
+    with httpx.Client(base_url=api.url, timeout=30) as client:
+        dataset_id = client.post("/datasets", files={"file": ("colours.zip", zip_bytes(images))}).json()["id"]
+        deadline = time.monotonic() + 120
+        while client.get(f"/datasets/{dataset_id}").json()["status"] == "ingesting":
+            assert time.monotonic() < deadline, "dataset still ingesting after 120 s"
+            time.sleep(0.2)
+        hyperparameters = {"epochs": 1, "batch_size": 8, "max_train_samples": 16, "weights": "none"}
+        body = {"task": "custom_resnet18", "dataset": dataset_id, "hyperparameters": hyperparameters}
+        job_id = client.post("/jobs", json=body).json()["id"]
+        other = client.post("/jobs", json={"task": "mnist_lenet5"}).json()["id"]  # to be filtered out
+        assert client.post(f"/jobs/{other}/cancel").status_code == 202
+        deadline = time.monotonic() + 300
+        while (job := client.get(f"/jobs/{job_id}").json())["status"] not in TERMINAL:
+            assert time.monotonic() < deadline, f"job still {job['status']} after 300 s"
+            time.sleep(0.5)
+        assert job["status"] == "succeeded", job["error"]
+        model_id = job["model_id"]
+
+    watched = Watched(browser, api.url, tmp_path / "screenshots")
+    page = watched.page
+    try:
+        page.goto(f"{api.url}/ui/#/jobs")
+        page.wait_for_selector("#jobs-task option[value=custom_resnet18]", state="attached")
+        page.select_option("#jobs-task", "custom_resnet18")
+        page.wait_for_function("document.querySelectorAll('#jobs-table tbody tr').length === 1")
+        row = page.locator(f"#jobs-table tr[data-job='{job_id}']")
+        assert "1 epoch" in row.text_content() and "1 epochs" not in row.text_content()
+        watched.shot("01-jobs-filtered")
+
+        page.goto(f"{api.url}/ui/#/models/{model_id}")
+        page.wait_for_selector("#confusion-matrix")
+        classes = page.locator("#per-class tbody tr td:first-child").all_text_contents()
+        assert classes == ["blue", "green", "red"], classes
+        assert "%" in page.text_content("#evaluation-accuracy")
+        if page.locator("#mistakes figure").count():  # GET /datasets/{id}/images/val/{i}
+            page.wait_for_selector("#mistakes figure img[src^='blob:']")
+        watched.shot("02-model")
+
+        page.click("#predict-with")
+        page.wait_for_selector(f"#predict-target option[value='model:{model_id}']", state="attached")
+        assert page.input_value("#predict-target") == f"model:{model_id}"
+        drop_file(page, "#drop", images["red/000.png"], "red.png")
+        card = page.wait_for_selector(".prediction[data-label]")
+        assert card.get_attribute("data-label") in {"blue", "green", "red"}
+        labels = {label.text_content() for label in card.query_selector_all(".bars li .label")}
+        assert labels == {"blue", "green", "red"}, labels
+        watched.shot("03-predict")
+
+        assert httpx.delete(f"{api.url}/models/{model_id}").status_code == 204
+        page.goto(f"{api.url}/ui/#/predict?model={model_id}")
+        page.reload()
+        page.get_by_text(f"model {model_id} no longer exists").wait_for()
+        assert page.input_value("#predict-target").startswith("task:")  # a usable choice, not a blank
+        watched.shot("04-predict-deleted-model")
+        watched.check()
+    finally:
+        watched.close()

@@ -72,6 +72,17 @@ export function shortId(id) {
 }
 
 /** The accuracy a job or model is judged by: test (CIFAR-10, MNIST) or val (hymenoptera). */
+/** How far a running job is, 0..1, from its progress: the batches of its epochs while training,
+ * else the images or features of the stage it is in (loading data, extracting features). */
+export function progressFraction(p) {
+  if (!p) return 0;
+  if (p.stage === "training" && p.batches_total && p.epochs)
+    return (p.epoch - 1 + p.batches_done / p.batches_total) / p.epochs;
+  if (p.images_total) return (p.images_done ?? 0) / p.images_total;
+  if (p.features_total) return (p.features_done ?? 0) / p.features_total;
+  return 0;
+}
+
 export function evalAccuracy(metrics) {
   if (!metrics) return null;
   return metrics.test_accuracy ?? metrics.val_accuracy ?? null;

@@ -3,10 +3,11 @@
 
 import { FINAL_STATUSES, api, hasEndpoint } from "../api.js";
 import { Curves } from "../curves.js";
-import { badge, duration, errorBox, fill, h, headRow, num, percent, when } from "../dom.js";
+import { badge, duration, errorBox, fill, h, headRow, num, percent, progressFraction, when } from "../dom.js";
 import { followEvents } from "../sse.js";
 
-const EVAL_SPLIT = { hymenoptera_resnet18: "val" };
+// the split a task evaluates on after every epoch (the others: test)
+const EVAL_SPLIT = { hymenoptera_resnet18: "val", custom_resnet18: "val" };
 
 function progressText(p, status) {
   if (!p) return status;
@@ -18,15 +19,6 @@ function progressText(p, status) {
   if (p.loss != null) parts.push(`loss ${num(p.loss, 4)}`);
   if (p.images_per_s) parts.push(`${Math.round(p.images_per_s).toLocaleString("en")} images/s`);
   return parts.join(" · ");
-}
-
-function progressFraction(p) {
-  if (!p) return 0;
-  if (p.stage === "training" && p.batches_total && p.epochs)
-    return (p.epoch - 1 + p.batches_done / p.batches_total) / p.epochs;
-  if (p.images_total) return (p.images_done ?? 0) / p.images_total;
-  if (p.features_total) return (p.features_done ?? 0) / p.features_total;
-  return 0;
 }
 
 export function render(root, { id }) {

@@ -1,15 +1,16 @@
 // The job list, refreshed every 2 s while it is shown.
 
 import { api } from "../api.js";
-import { badge, errorBox, evalAccuracy, fill, h, headRow, percent, shortId, when } from "../dom.js";
+import { badge, errorBox, evalAccuracy, fill, h, headRow, percent, progressFraction, shortId, when } from "../dom.js";
+import { jobForms } from "./train.js";
 
 const STATUSES = ["", "queued", "running", "succeeded", "failed", "cancelled"];
-const TASKS = ["", "cifar10_dense", "mnist_lenet5", "hymenoptera_resnet18"];
 
 function progressCell(job) {
   const p = job.progress || {};
-  if (job.status !== "running") return job.metrics?.length ? `${job.metrics.length} epochs` : "—";
-  const frac = p.batches_total ? (p.epoch - 1 + p.batches_done / p.batches_total) / Math.max(p.epochs, 1) : 0;
+  const done = job.metrics?.length ?? 0;
+  if (job.status !== "running") return done ? `${done} epoch${done === 1 ? "" : "s"}` : "—";
+  const frac = progressFraction(p);
   return h(
     "div",
     { class: "mini-progress", title: p.stage || "" },
@@ -23,7 +24,11 @@ export function render(root) {
   let stopped = false;
   let generation = 0; // a change of filter starts a new refresh loop; older loops stop
   const status = h("select", { id: "jobs-status", "aria-label": "status" }, STATUSES.map((s) => h("option", { value: s }, s || "any status")));
-  const task = h("select", { id: "jobs-task", "aria-label": "task" }, TASKS.map((t) => h("option", { value: t }, t || "any task")));
+  const task = h("select", { id: "jobs-task", "aria-label": "task" }, h("option", { value: "" }, "any task"));
+  // every task the API trains (from its OpenAPI document), uploaded-dataset ones included
+  jobForms()
+    .then((forms) => task.append(...forms.map((form) => h("option", { value: form.task }, form.task))))
+    .catch(() => {});
   const summary = h("span", { class: "muted" });
   const body = h("div", {});
   fill(

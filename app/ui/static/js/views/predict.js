@@ -61,8 +61,10 @@ export function render(root, params) {
   (async () => {
     const taskNames = await tasks();
     let models = [];
+    let listed = false;
     try {
       models = (await api("/models?valid=true&limit=200")).data;
+      listed = models.length < 200;
     } catch (error) {
       results.prepend(errorBox(error));
     }
@@ -78,7 +80,10 @@ export function render(root, params) {
       ),
       models.length ? h("optgroup", { label: "a specific model" }, models.map((m) => h("option", { value: `model:${m.id}` }, `${m.id}${m.aliases?.length ? ` [${m.aliases.join(", ")}]` : ""}`))) : null,
     );
-    if (params.model) target.value = `model:${params.model}`;
+    const offered = models.some((m) => m.id === params.model);
+    if (params.model && listed && !offered)
+      results.prepend(errorBox(new Error(`model ${params.model} no longer exists or failed verification: choose a task or another model above`)));
+    if (params.model && (offered || !listed)) target.value = `model:${params.model}`;
     else if (params.task) target.value = `task:${params.task}`;
     // the newest model's task when it is offered by task; a model of an upload by its id
     else if (models[0]) target.value = taskNames.includes(models[0].task) ? `task:${models[0].task}` : `model:${models[0].id}`;
