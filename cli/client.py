@@ -67,8 +67,28 @@ class Client:
         kwargs = {"json": body} if body is not None else {}
         return self.check(self.http.post(path, **kwargs)).json()
 
-    def delete(self, path: str) -> None:
-        self.check(self.http.delete(path))
+    def put(self, path: str) -> Any:
+        return self.check(self.http.put(path)).json()
+
+    def delete(self, path: str, **kwargs: Any) -> None:
+        self.check(self.http.delete(path, **kwargs))
+
+    def download(self, path: str, destination: Path, **kwargs: Any) -> int:
+        """GET ``path`` into the file ``destination``, streamed; returns its size in bytes. Written
+        to a temporary file beside it and renamed at the end, so an error leaves nothing behind."""
+        temporary = destination.with_name(f".{destination.name}.part")
+        try:
+            with self.http.stream("GET", path, **kwargs) as response:
+                if not response.is_success:
+                    response.read()
+                    self.check(response)
+                with temporary.open("wb") as file:
+                    for chunk in response.iter_bytes(1 << 20):
+                        file.write(chunk)
+            temporary.replace(destination)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return destination.stat().st_size
 
     def upload_dataset(self, path: Path, name: str | None = None) -> tuple[dict[str, Any], bool]:
         """POST /datasets with the archive at ``path``, streamed from disk (httpx reads a file

@@ -2,7 +2,8 @@
 
     imgclf train mnist_lenet5 --set epochs=1 --follow
     imgclf jobs ls | jobs show ID [--follow] | jobs cancel ID
-    imgclf models ls | models show ID
+    imgclf models ls | models show ID | models alias ID production | models unalias ID production
+    imgclf models export ID --format onnx [-o FILE] | models rm ID [--force]
     imgclf datasets upload photos.zip [--name NAME] [--wait] | datasets ls | datasets show ID | datasets rm ID
     imgclf train custom_resnet18 --dataset ID --follow
     imgclf predict digit.png photo.jpg --task mnist_lenet5 --top-k 3
@@ -44,7 +45,9 @@ app = typer.Typer(
     add_completion=False,
 )
 jobs_app = typer.Typer(help="Training jobs: list, show, cancel.", no_args_is_help=True)
-models_app = typer.Typer(help="Trained models (checkpoints): list, show.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="Trained models (checkpoints): list, show, pin with an alias, export, remove.", no_args_is_help=True
+)
 datasets_app = typer.Typer(
     help="Datasets: upload your own photos (an archive of class folders), list, show, remove.",
     no_args_is_help=True,
@@ -71,6 +74,8 @@ def main(
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each API answer.")] = 30.0,
 ) -> None:
+    if not url.startswith(("http://", "https://")):
+        raise typer.BadParameter(f"{url!r} is not an http:// or https:// URL", param_hint="--url/IMGCLF_URL")
     ctx.obj = Client(url, api_key or None, timeout)
 
 
@@ -169,6 +174,13 @@ def finish(job: dict[str, Any]) -> None:
     out.print(f"model: {job.get('model_id')}")
 
 
+def _dataset_hint(exc: ApiError) -> str | None:
+    """Advice under POST /jobs's 422 when the task trains on an uploaded dataset and none was given."""
+    if exc.status == 422 and re.search(r"\bdataset: Field required", str(exc)):
+        return "this task trains on an uploaded dataset: give --dataset ID or NAME (imgclf datasets ls)"
+    return None
+
+
 @app.command()
 def train(
     ctx: typer.Context,
@@ -200,7 +212,7 @@ def train(
     hyperparameters = parse_set(set_ or [])
     dataset = dataset_id_of(client, dataset) if dataset else None
     body = {"task": task, "hyperparameters": hyperparameters} | ({"dataset": dataset} if dataset else {})
-    job = run(lambda: client.post_json("/jobs", body))
+    job = run(lambda: client.post_json("/jobs", body), hint=_dataset_hint)
     out.print(f"job {job['id']} {job['status']} ({task})")
     if follow:
         finish(run(lambda: follow_job(client, job["id"], out)))
@@ -532,6 +544,76 @@ def datasets_show(
         if total > skipped:
             more = f"--skipped {min(total, len(listed))}" if len(listed) > skipped else "the API"
             out.print(f"... and {total - skipped} more (see {more})", markup=False)
+
+
+@models_app.command("alias")
+def models_alias(
+    ctx: typer.Context,
+    model_id: Annotated[str, typer.Argument(help="Model id.")],
+    alias: Annotated[str, typer.Argument(help="Alias, e.g. production (what /predict by task uses).")],
+) -> None:
+    """Set an alias on a model, moving it from the model of the same name (task or dataset) that
+    had it."""
+    client = _client(ctx)
+    moved = run(lambda: client.put(f"/models/{model_id}/aliases/{alias}"))
+    previous = moved.get("previous_model_id")
+    note = f" (was {previous})" if previous and previous != model_id else ""
+    out.print(f"{moved['name']} {moved['alias']} -> {moved['model_id']}{note}", markup=False)
+
+
+@models_app.command("unalias")
+def models_unalias(
+    ctx: typer.Context,
+    model_id: Annotated[str, typer.Argument(help="Model id.")],
+    alias: Annotated[str, typer.Argument(help="Alias to remove from it.")],
+) -> None:
+    """Remove an alias from a model."""
+    client = _client(ctx)
+    run(lambda: client.delete(f"/models/{model_id}/aliases/{alias}"))
+    out.print(f"alias {alias} removed from {model_id}", markup=False)
+
+
+@models_app.command("export")
+def models_export(
+    ctx: typer.Context,
+    model_id: Annotated[str, typer.Argument(help="Model id.")],
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="onnx, or safetensors (a zip with metadata.json).")
+    ] = "onnx",
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="File to write (default: ID.onnx or ID.zip).", dir_okay=False),
+    ] = None,
+) -> None:
+    """Download a model as ONNX, or as a zip of its safetensors weights and metadata.json (the
+    README shows how to use each outside the service)."""
+    if fmt not in ("onnx", "safetensors"):
+        raise typer.BadParameter("onnx or safetensors", param_hint="--format")
+    client = _client(ctx)
+    destination = output or Path(f"{model_id}.{'onnx' if fmt == 'onnx' else 'zip'}")
+    size = run(lambda: client.download(f"/models/{model_id}/export", destination, params={"format": fmt}))
+    out.print(f"{destination}: {size:,} bytes", markup=False)
+
+
+def _aliased_hint(exc: ApiError) -> str | None:
+    """Advice under DELETE /models/{id}'s 409 for a model that carries aliases."""
+    if exc.status == 409 and "alias" in str(exc.detail):
+        return "move the alias to another model (imgclf models alias ID ALIAS), or delete with --force"
+    return None
+
+
+@models_app.command("rm")
+def models_rm(
+    ctx: typer.Context,
+    model_id: Annotated[str, typer.Argument(help="Model id.")],
+    force: Annotated[bool, typer.Option(help="Also when it carries aliases (they go too).")] = False,
+) -> None:
+    """Delete a model: its weights, metadata and exports. Refused while it carries an alias,
+    unless --force. Predictions already running with it finish."""
+    client = _client(ctx)
+    params = {"force": "true"} if force else {}
+    run(lambda: client.delete(f"/models/{model_id}", params=params), hint=_aliased_hint)
+    out.print(f"model {model_id} deleted", markup=False)
 
 
 def _in_use_hint(exc: ApiError) -> str | None:

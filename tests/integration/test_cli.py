@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
 
 import httpx
 import numpy as np
@@ -17,6 +18,7 @@ from PIL import Image
 from tests.conftest import REPO, ApiProcess, Stack, served_stack, wait_for
 from tests.factories import digit_image
 from tests.factories_datasets import class_images, zip_bytes
+from tests.factories_models import make_model_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -164,6 +166,12 @@ def test_api_errors_are_printed_plainly(cli_stack):
     result = imgclf(api.url, "train", "custom_resnet18", "--dataset", "0" * 32)  # the dataset is sent
     assert result.returncode == 1 and result.stderr.startswith("error: 422 Unprocessable Entity: ")
     assert "0" * 32 in result.stderr and "Field required" not in result.stderr
+
+    result = imgclf(api.url, "train", "custom_resnet18")  # QA: said only "dataset: Field required"
+    assert result.returncode == 1 and "give --dataset ID or NAME (imgclf datasets ls)" in result.stderr
+
+    result = imgclf("notaurl", "jobs", "ls", COLUMNS="300")  # QA: "cannot reach the API at : ..."
+    assert result.returncode == 2 and "'notaurl' is not an http:// or https:// URL" in result.stderr
 
     result = imgclf("http://127.0.0.1:9", "models", "ls")
     assert result.returncode == 1 and result.stderr.startswith(
@@ -324,3 +332,41 @@ def test_follow_resumes_after_the_api_restarts(make_stack, start_worker, start_a
     assert "test accuracy: " in stdout
     log = api.log_path.read_text()
     assert log.count('/events HTTP/1.1" 200') >= 2, log[-2000:]
+
+
+def test_models_alias_unalias_export_and_rm(cli_stack, tmp_path):
+    """QA: the CLI could list and show models but not pin, export or delete them."""
+    stack, api = cli_stack
+    models_dir = stack.settings().models_dir
+    first = make_model_checkpoint(models_dir, "mnist_lenet5", seed=11)
+    second = make_model_checkpoint(models_dir, "mnist_lenet5", seed=12)
+    pinned = imgclf(api.url, "models", "alias", first, "canary")
+    assert pinned.returncode == 0, pinned.stderr
+    assert pinned.stdout.strip() == f"mnist_lenet5 canary -> {first}"
+    moved = imgclf(api.url, "models", "alias", second, "canary")
+    assert moved.stdout.strip() == f"mnist_lenet5 canary -> {second} (was {first})"
+    assert httpx.get(f"{api.url}/models/{second}").json()["aliases"] == ["canary"]
+
+    onnx_file = tmp_path / "lenet.onnx"
+    exported = imgclf(api.url, "models", "export", second, "-o", str(onnx_file))
+    assert exported.returncode == 0, exported.stderr
+    assert onnx_file.read_bytes() == httpx.get(f"{api.url}/models/{second}/export").content
+    assert exported.stdout.strip() == f"{onnx_file}: {onnx_file.stat().st_size:,} bytes"
+    archive = imgclf(
+        api.url, "models", "export", second, "--format", "safetensors", "-o", str(tmp_path / "w.zip")
+    )
+    assert archive.returncode == 0 and zipfile.is_zipfile(tmp_path / "w.zip"), archive.stderr
+    missing = imgclf(api.url, "models", "export", "mnist_lenet5-nope", "-o", str(tmp_path / "none.onnx"))
+    assert missing.returncode == 1 and "404" in missing.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet.onnx", "w.zip"]  # nothing half-written
+
+    refused = imgclf(api.url, "models", "rm", second)
+    assert refused.returncode == 1 and "carries the alias(es) canary" in refused.stderr
+    assert "imgclf models alias ID ALIAS" in refused.stderr
+    removed = imgclf(api.url, "models", "unalias", second, "canary")
+    assert removed.returncode == 0 and removed.stdout.strip() == f"alias canary removed from {second}"
+    for model_id in (first, second):
+        deleted = imgclf(api.url, "models", "rm", model_id)
+        assert deleted.returncode == 0 and deleted.stdout.strip() == f"model {model_id} deleted"
+        assert httpx.get(f"{api.url}/models/{model_id}").status_code == 404
+    no_traceback(refused)
