@@ -72,11 +72,14 @@ class DatasetStatus(StrEnum):
     failed = "failed"
 
 
+SKIPPED_TXT = ".txt files are not read (ImageFolder's: .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp)"
+
+
 class SkippedFile(BaseModel):
     """An archive entry that did not become a training image, and why."""
 
     path: str = Field(description="Path inside the archive.", examples=["ants/notes.txt"])
-    reason: str = Field(description="Why it was skipped.", examples=["not an image (extension .txt)"])
+    reason: str = Field(description="Why it was skipped.", examples=[SKIPPED_TXT])
 
 
 _EXAMPLE = {
@@ -96,7 +99,7 @@ _EXAMPLE = {
     "classes": ["cats", "dogs"],
     "counts": {"train": {"cats": 80, "dogs": 80}, "val": {"cats": 20, "dogs": 20}},
     "images": {"train": 160, "val": 40},
-    "skipped": [{"path": "cats/notes.txt", "reason": "not an image (extension .txt)"}],
+    "skipped": [{"path": "cats/notes.txt", "reason": SKIPPED_TXT}],
     "skipped_count": 1,
     "ignored_count": 3,
     "duplicates": {"train_val": 0, "within_split": 0, "examples": []},

@@ -77,6 +77,9 @@ ARCHIVE_EXTENSIONS = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar
 IMAGE_EXTENSIONS = (
     IMG_EXTENSIONS  # torchvision ImageFolder's: .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp
 )
+# a .gif is skipped as torchvision's ImageFolder skips it, so that an upload of a built-in dataset
+# trains on the same images as the built-in task (/predict reads GIFs: it is one picture there)
+READ_EXTENSIONS = " ".join(IMAGE_EXTENSIONS)
 SPLITS = ("train", "val")
 
 
@@ -272,7 +275,7 @@ def plan_layout(members: list[Member], max_ratio: float, max_file_bytes: int) ->
             skipped.append((member.name, "nested archive: not opened"))
         elif not lower.endswith(IMAGE_EXTENSIONS):
             suffix = Path(lower).suffix or "none"
-            skipped.append((member.name, f"not an image (extension {suffix})"))
+            skipped.append((member.name, f"{suffix} files are not read (ImageFolder's: {READ_EXTENSIONS})"))
         elif member.ratio > max_ratio:
             skipped.append(
                 (member.name, f"compression ratio {member.ratio:.0f}:1 over the limit of {max_ratio:g}:1")

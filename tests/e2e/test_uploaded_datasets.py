@@ -53,7 +53,9 @@ def test_hymenoptera_uploaded_as_train_val_trains_exactly_like_the_builtin_task(
         assert dataset["status"] == "ready", dataset
         assert dataset["layout"] == "train_val" and dataset["classes"] == ["ants", "bees"]
         assert dataset["counts"] == {"train": {"ants": 123, "bees": 121}, "val": {"ants": 70, "bees": 83}}
-        assert [s["reason"] for s in dataset["skipped"]] == ["not an image (extension .gif)"]
+        assert [s["reason"] for s in dataset["skipped"]] == [
+            ".gif files are not read (ImageFolder's: .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp)"
+        ]
         builtin = train(client, {"task": "hymenoptera_resnet18", "hyperparameters": QUICK}, worker)
         custom = train(
             client, {"task": "custom_resnet18", "dataset": dataset["id"], "hyperparameters": QUICK}, worker

@@ -231,7 +231,7 @@ def test_datasets_upload_wait_ls_show_rm(cli_stack, tmp_path):
     assert re.search(r"classes\s+3: birds, cats, dogs", shown.stdout), shown.stdout
     assert re.search(r"skipped\s+3\b", shown.stdout) and "Skipped files (3 of 3)" in shown.stdout
     for name in ("birds/b.txt", "cats/notes.txt", "dogs/a.txt"):
-        assert re.search(rf"{name}\W+not an image", shown.stdout), shown.stdout
+        assert re.search(rf"{name}\W+\.txt files are not read", shown.stdout), shown.stdout
     capped = imgclf(api.url, "datasets", "show", dataset_id, "--skipped", "1")
     assert "Skipped files (1 of 3)" in capped.stdout and "... and 2 more (see --skipped 3)" in capped.stdout
     assert sum(name in capped.stdout for name in ("birds/b.txt", "cats/notes.txt", "dogs/a.txt")) == 1
