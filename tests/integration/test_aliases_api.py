@@ -188,6 +188,33 @@ def test_delete_while_a_prediction_runs_lets_it_finish(stack):
         assert predict(client, model_id=model_id).status_code == 404
 
 
+def test_delete_refuses_a_model_that_queued_jobs_start_from_unless_forced(stack):
+    """QA: a model named as a queued job's initial weights (weights: model:<id>) could be deleted,
+    and the job then failed. Now DELETE answers 409 naming the job, until it ends (or force)."""
+    from core.jobs import JobStore, redis_client
+
+    settings = stack.settings()
+    models_dir = settings.models_dir
+    model_id = make_model_checkpoint(models_dir, "hymenoptera_resnet18")
+    other = make_model_checkpoint(models_dir, "mnist_lenet5")
+    jobs = JobStore(redis_client(settings.redis_url, 2.0), settings.redis_prefix)
+    weights = {"epochs": 1, "weights": f"model:{model_id}"}
+    first, _ = jobs.create("custom_resnet18", weights, dataset="a" * 32)
+    second, _ = jobs.create("custom_resnet18", weights, dataset="a" * 32)
+    with api_client(stack) as client:
+        refused = client.delete(f"/models/{model_id}")
+        assert refused.status_code == 409, refused.text
+        assert f"job(s) {first.id}, {second.id} start from model {model_id}" in refused.json()["detail"]
+        assert (models_dir / model_id).is_dir()
+        assert client.delete(f"/models/{other}").status_code == 204  # other models are not held
+        for job in (first, second):
+            assert client.post(f"/jobs/{job.id}/cancel").status_code == 202
+        assert client.delete(f"/models/{model_id}").status_code == 204
+        again = make_model_checkpoint(models_dir, "hymenoptera_resnet18", seed=3)
+        jobs.create("custom_resnet18", {"weights": f"model:{again}"}, dataset="a" * 32)
+        assert client.delete(f"/models/{again}", params={"force": "true"}).status_code == 204
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
 def test_delete_during_an_export_answers_404_not_500(stack, fmt, monkeypatch):
     """QA: a DELETE while the export was being built made the export answer 500 (the directory of

@@ -9,9 +9,10 @@ from typing import Annotated, BinaryIO
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import AliasesDep, CheckpointsDep, ExportsDep, RegistryDep
+from app.api.deps import AliasesDep, CheckpointsDep, ExportsDep, JobStoreDep, RegistryDep
 from app.figures import PNG, confusion_png, run_bounded
 from app.schemas import AliasPublic, ModelPublic, ModelsPublic, error_responses
+from core.jobs import JobStore
 from models_store.aliases import ALIAS_PATTERN, model_name, validate_alias
 from models_store.checkpoint import (
     MODEL_ID_PATTERN,
@@ -128,7 +129,8 @@ def delete_alias(model_id: ModelId, alias: AliasName, alias_store: AliasesDep) -
     summary="Delete a checkpoint",
     responses=error_responses(
         _404="No such model.",
-        _409="The model carries aliases (remove them, or pass force=true).",
+        _409="The model carries aliases, or queued or running jobs start from its weights "
+        "(pass force=true to delete it anyway).",
     ),
 )
 def delete_model(
@@ -137,11 +139,25 @@ def delete_model(
     registry: RegistryDep,
     alias_store: AliasesDep,
     exports: ExportsDep,
-    force: Annotated[bool, Query(description="Delete even if it carries aliases; they go too.")] = False,
+    jobs: JobStoreDep,
+    force: Annotated[
+        bool,
+        Query(
+            description="Delete even if it carries aliases (they go too) or jobs start from it (they fail)."
+        ),
+    ] = False,
 ) -> Response:
     """Removes the weights, metadata.json and cached exports. Predictions already running with the
     model finish with it; later ones cannot find it."""
     validate_model_id(model_id)
+    users = [] if force else jobs_starting_from(jobs, model_id)
+    if users:
+        ids = ", ".join(users)
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"queued or running job(s) {ids} start from model {model_id} (weights model:{model_id}): "
+            "cancel them or wait until they end, or delete with force=true (they then fail)",
+        )
     aliases = alias_store.aliases_of(model_id)
     try:
         checkpoints.get(model_id)
@@ -161,6 +177,17 @@ def delete_model(
     exports.remove(model_id)
     alias_store.remove_model(model_id)  # an alias set while it was being deleted
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def jobs_starting_from(jobs: JobStore, model_id: str) -> list[str]:
+    """Ids of the queued or running jobs whose initial weights are this model (``weights:
+    model:<id>``), oldest first."""
+    weights = f"model:{model_id}"
+    found = []
+    for status_name in ("queued", "running"):
+        page, _ = jobs.list(limit=1_000_000, status=status_name)
+        found += [job for job in page if job.hyperparameters.get("weights") == weights]
+    return [job.id for job in sorted(found, key=lambda job: job.created_at)]
 
 
 MEDIA_TYPES = {"onnx": "application/octet-stream", "safetensors": "application/zip"}
