@@ -350,7 +350,8 @@ def test_a_model_of_an_uploaded_dataset_in_the_console(
 ):
     """A model trained on an upload (custom_resnet18): the job list filters by its task and says
     "1 epoch"; its model page shows the upload's classes, its evaluation and the images of its
-    mistakes; a picture of the upload dropped on the predict page gets the upload's labels; and
+    mistakes; a picture of the upload dropped on the predict page, with the model or by the
+    dataset, gets the upload's labels; and
     once the model is deleted, the predict page says so instead of "no model to use yet" (QA)."""
     from tests.factories_datasets import class_images, zip_bytes
 
@@ -405,13 +406,20 @@ def test_a_model_of_an_uploaded_dataset_in_the_console(
         labels = {label.text_content() for label in card.query_selector_all(".bars li .label")}
         assert labels == {"blue", "green", "red"}, labels
         watched.shot("03-predict")
+        page.select_option("#predict-target", f"dataset:{dataset_id}")  # its production, else newest
+        option = page.locator(f"#predict-target option[value='dataset:{dataset_id}']")
+        assert option.text_content().startswith("colours · ")  # the upload's name
+        drop_file(page, "#drop", images["blue/000.png"], "blue.png")
+        page.wait_for_selector(".prediction:has(.file-name:text('blue.png'))[data-label]")
+        assert page.locator(f".prediction a[href='#/models/{model_id}']").count() == 2
+        watched.shot("04-predict-by-dataset")
 
         assert httpx.delete(f"{api.url}/models/{model_id}").status_code == 204
         page.goto(f"{api.url}/ui/#/predict?model={model_id}")
         page.reload()
         page.get_by_text(f"model {model_id} no longer exists").wait_for()
         assert page.input_value("#predict-target").startswith("task:")  # a usable choice, not a blank
-        watched.shot("04-predict-deleted-model")
+        watched.shot("05-predict-deleted-model")
         watched.check()
     finally:
         watched.close()

@@ -5,7 +5,7 @@ import { errorBox, fill, h, percent } from "../dom.js";
 import { jobForms } from "./train.js";
 
 /** Tasks that /predict can choose by name: those not trained on an uploaded dataset (the POST
- * /jobs variants without a `dataset` field; models of uploads are chosen by model). */
+ * /jobs variants without a `dataset` field; models of uploads are chosen by dataset or model). */
 async function tasks() {
   try {
     return (await jobForms()).filter((form) => !form.needsDataset).map((form) => form.task);
@@ -68,16 +68,30 @@ export function render(root, params) {
     } catch (error) {
       results.prepend(errorBox(error));
     }
+    // uploaded datasets that have models (a model's name is its dataset's id), by their upload names
+    const uploads = [...new Set(models.filter((m) => m.name && m.name !== m.task).map((m) => m.name))];
+    const names = new Map();
+    if (uploads.length)
+      try {
+        for (const d of (await api("/datasets?limit=200")).data) names.set(d.id, d.name);
+      } catch {}
     if (stopped) return;
     fill(
       target,
-      // by task: its `production` model when that alias is set, else its newest (as /predict does);
-      // models of uploaded datasets are chosen below, by model
+      // by task (or uploaded dataset): its `production` model when that alias is set, else its
+      // newest, as /predict does
       h(
         "optgroup",
         { label: "by task: its production model, else the newest" },
         taskNames.map((t) => h("option", { value: `task:${t}` }, `${t} (production, else newest)`)),
       ),
+      uploads.length
+        ? h(
+            "optgroup",
+            { label: "by uploaded dataset: its production model, else the newest" },
+            uploads.map((id) => h("option", { value: `dataset:${id}` }, `${names.get(id) ?? "dataset"} · ${id.slice(0, 8)}… (production, else newest)`)),
+          )
+        : null,
       models.length ? h("optgroup", { label: "a specific model" }, models.map((m) => h("option", { value: `model:${m.id}` }, `${m.id}${m.aliases?.length ? ` [${m.aliases.join(", ")}]` : ""}`))) : null,
     );
     const offered = models.some((m) => m.id === params.model);
@@ -85,8 +99,9 @@ export function render(root, params) {
       results.prepend(errorBox(new Error(`model ${params.model} no longer exists or failed verification: choose a task or another model above`)));
     if (params.model && (offered || !listed)) target.value = `model:${params.model}`;
     else if (params.task) target.value = `task:${params.task}`;
-    // the newest model's task when it is offered by task; a model of an upload by its id
-    else if (models[0]) target.value = taskNames.includes(models[0].task) ? `task:${models[0].task}` : `model:${models[0].id}`;
+    else if (params.dataset) target.value = `dataset:${params.dataset}`;
+    // the newest model's task, or its uploaded dataset
+    else if (models[0]) target.value = taskNames.includes(models[0].task) ? `task:${models[0].task}` : `dataset:${models[0].name}`;
   })();
 
   async function classify(file) {
@@ -105,7 +120,7 @@ export function render(root, params) {
     const form = new FormData();
     form.append("file", file, file.name);
     const [kind, value] = target.value.split(/:(.*)/s);
-    form.append(kind === "model" ? "model_id" : "task", value);
+    form.append({ model: "model_id", dataset: "dataset" }[kind] ?? "task", value);
     form.append("top_k", topK.value || "5");
     form.append("invert", invert.value);
     try {
