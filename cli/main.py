@@ -37,6 +37,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 # imported from there, since that module imports torch. tests/unit/test_cli_args.py checks they agree.
 DEFAULT_TOP_K = 5
 SKIPPED_SHOWN = 20  # skipped files `datasets show` lists unless told otherwise
+ModelIdArg = Annotated[str, typer.Argument(help="Model id (models ls).")]
+AliasArg = Annotated[str, typer.Argument(help="Alias, e.g. production (what /predict by task uses).")]
 
 app = typer.Typer(
     help="Train and use the image classifiers of an imgclf service.",
@@ -329,7 +331,7 @@ def models_ls(
 
 
 @models_app.command("show")
-def models_show(ctx: typer.Context, model_id: Annotated[str, typer.Argument(help="Model id.")]) -> None:
+def models_show(ctx: typer.Context, model_id: ModelIdArg) -> None:
     """Show a model: metrics, hyperparameters and, when the server has it, its evaluation."""
     client = _client(ctx)
     model = run(lambda: client.get(f"/models/{model_id}"))
@@ -549,8 +551,8 @@ def datasets_show(
 @models_app.command("alias")
 def models_alias(
     ctx: typer.Context,
-    model_id: Annotated[str, typer.Argument(help="Model id.")],
-    alias: Annotated[str, typer.Argument(help="Alias, e.g. production (what /predict by task uses).")],
+    model_id: ModelIdArg,
+    alias: AliasArg,
 ) -> None:
     """Set an alias on a model, moving it from the model of the same name (task or dataset) that
     had it."""
@@ -564,8 +566,8 @@ def models_alias(
 @models_app.command("unalias")
 def models_unalias(
     ctx: typer.Context,
-    model_id: Annotated[str, typer.Argument(help="Model id.")],
-    alias: Annotated[str, typer.Argument(help="Alias to remove from it.")],
+    model_id: ModelIdArg,
+    alias: AliasArg,
 ) -> None:
     """Remove an alias from a model."""
     client = _client(ctx)
@@ -576,7 +578,7 @@ def models_unalias(
 @models_app.command("export")
 def models_export(
     ctx: typer.Context,
-    model_id: Annotated[str, typer.Argument(help="Model id.")],
+    model_id: ModelIdArg,
     fmt: Annotated[
         str, typer.Option("--format", "-f", help="onnx, or safetensors (a zip with metadata.json).")
     ] = "onnx",
@@ -605,7 +607,7 @@ def _aliased_hint(exc: ApiError) -> str | None:
 @models_app.command("rm")
 def models_rm(
     ctx: typer.Context,
-    model_id: Annotated[str, typer.Argument(help="Model id.")],
+    model_id: ModelIdArg,
     force: Annotated[bool, typer.Option(help="Also when it carries aliases (they go too).")] = False,
 ) -> None:
     """Delete a model: its weights, metadata and exports. Refused while it carries an alias,
