@@ -45,12 +45,12 @@ def resolve_dataset(client: Client, reference: str) -> str:
     records = all_datasets(client)
     if any(r.get("builtin") and r["id"] == reference for r in records):
         return reference
-    named = [r["id"] for r in records if r.get("name") == reference]
+    named = [r for r in records if r.get("name") == reference]
     if len(named) == 1:
-        return named[0]
+        return named[0]["id"]
     if not named:
         raise DatasetNameUnknown(f"no dataset with id or name {reference!r}: imgclf datasets ls lists them")
-    ids = ", ".join(named)
+    ids = ", ".join(f"{r['id']} ({r.get('status')})" for r in named)
     raise DatasetNameUnknown(f"{len(named)} datasets are named {reference!r}: give one of their ids, {ids}")
 
 

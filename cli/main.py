@@ -593,7 +593,13 @@ def models_export(
         raise typer.BadParameter("onnx or safetensors", param_hint="--format")
     client = _client(ctx)
     destination = output or Path(f"{model_id}.{'onnx' if fmt == 'onnx' else 'zip'}")
-    size = run(lambda: client.download(f"/models/{model_id}/export", destination, params={"format": fmt}))
+    folder = destination.absolute().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise fail(f"error: cannot write {destination}: {folder} is not a folder this user can write to")
+    try:
+        size = run(lambda: client.download(f"/models/{model_id}/export", destination, params={"format": fmt}))
+    except OSError as exc:
+        raise fail(f"error: cannot write {destination}: {exc.strerror or exc}") from None
     out.print(f"{destination}: {size:,} bytes", markup=False)
 
 

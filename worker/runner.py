@@ -322,21 +322,33 @@ def _safe(
 ) -> Callable:
     """A job-record writer that never stops training: Redis errors are logged. What it writes
     is also kept in ``latest``, for the final write. With ``event_interval_s``, a progress event
-    goes to the job's stream with the write, at most once per that many seconds."""
+    goes to the job's stream with the write, at most once per that many seconds, and always when
+    the progress's ``stage`` changed (a throttled stage change would leave the stream behind
+    ``GET /jobs`` for the whole stage: the evaluation after each epoch, for one)."""
     last_event = [-float("inf")]
+    last_stage: list[object] = [None]
 
     def write(value: object) -> None:
         values = fields(value)
         latest.update(values)
         now = time.monotonic()
-        event = event_interval_s is not None and now - last_event[0] >= event_interval_s
+        stage = _stage(values.get("progress"))
+        due = now - last_event[0] >= (event_interval_s or 0) or stage != last_stage[0]
+        event = event_interval_s is not None and due
         try:
             if lease.update(progress_event=event, **values) and event:
-                last_event[0] = now
+                last_event[0], last_stage[0] = now, stage
         except Exception as exc:
             log.warning("job %s: could not record progress: %s", lease.job_id, exc)
 
     return write
+
+
+def _stage(progress: object) -> object:
+    """The ``stage`` of a progress report (a dict or a model), else None."""
+    if isinstance(progress, dict):
+        return progress.get("stage")
+    return getattr(progress, "stage", None)
 
 
 def _describe_error(exc: BaseException) -> str:

@@ -358,6 +358,11 @@ def test_models_alias_unalias_export_and_rm(cli_stack, tmp_path):
     assert archive.returncode == 0 and zipfile.is_zipfile(tmp_path / "w.zip"), archive.stderr
     missing = imgclf(api.url, "models", "export", "mnist_lenet5-nope", "-o", str(tmp_path / "none.onnx"))
     assert missing.returncode == 1 and "404" in missing.stderr
+    nowhere = imgclf(api.url, "models", "export", second, "-o", str(tmp_path / "no" / "such" / "x.onnx"))
+    assert nowhere.returncode == 1 and nowhere.stderr.startswith(
+        f"error: cannot write {tmp_path}/no/such/x.onnx"
+    )
+    no_traceback(nowhere)  # QA: a traceback
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet.onnx", "w.zip"]  # nothing half-written
 
     refused = imgclf(api.url, "models", "rm", second)

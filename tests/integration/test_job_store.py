@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -145,3 +146,26 @@ def test_unreadable_worker_entries_are_skipped(store):
     store.redis.set(f"{store.prefix}:worker:bogus", "notjson")
     store.redis.set(f"{store.prefix}:worker:list", "[1, 2]")
     assert store.workers() == [{"name": "good@host"}]
+
+
+def test_a_stage_change_is_always_an_event_on_the_stream(store):
+    """QA: the evaluation after each epoch started within the 0.2 s throttle of the last batch's
+    progress, so its event was dropped and the stream (and the console) said "training" while
+    GET /jobs said "evaluating". A change of stage now always goes to the stream."""
+    from worker.runner import JobLease, _safe
+
+    job, _ = store.create("mnist_lenet5", HP)
+    assert store.start(job.id, "token", 30, "w", "cpu", 3).outcome == "started"
+    write = _safe(JobLease(store, job.id, "token", 30), {}, lambda p: {"progress": p}, event_interval_s=60)
+    for progress in (
+        {"stage": "training", "epoch": 1, "batches_done": 1},
+        {"stage": "training", "epoch": 1, "batches_done": 2},  # throttled
+        {"stage": "evaluating", "epoch": 1},
+        {"stage": "evaluating", "epoch": 1, "images_done": 10},  # throttled
+        {"stage": "training", "epoch": 2, "batches_done": 1},
+    ):
+        write(progress)
+    entries = store.redis.xrange(store.events_key(job.id))
+    stages = [json.loads(f["data"])["stage"] for _, f in entries if f.get("type") == "progress"]
+    assert stages == ["training", "evaluating", "training"], entries
+    assert store.get(job.id).progress.batches_done == 1  # the record has every write
