@@ -183,11 +183,9 @@ def jobs_starting_from(jobs: JobStore, model_id: str) -> list[str]:
     """Ids of the queued or running jobs whose initial weights are this model (``weights:
     model:<id>``), oldest first."""
     weights = f"model:{model_id}"
-    found = []
-    for status_name in ("queued", "running"):
-        page, _ = jobs.list(limit=1_000_000, status=status_name)
-        found += [job for job in page if job.hyperparameters.get("weights") == weights]
-    return [job.id for job in sorted(found, key=lambda job: job.created_at)]
+    every, _ = jobs.list(limit=1_000_000)  # one pass over the index, newest first
+    active = [job for job in every if job.status in ("queued", "running")]
+    return [job.id for job in reversed(active) if job.hyperparameters.get("weights") == weights]
 
 
 MEDIA_TYPES = {"onnx": "application/octet-stream", "safetensors": "application/zip"}
