@@ -351,9 +351,11 @@ def test_a_model_of_an_uploaded_dataset_in_the_console(
     """A model trained on an upload (custom_resnet18): the job list filters by its task and says
     "1 epoch"; its model page shows the upload's classes, its evaluation and the images of its
     mistakes; a picture of the upload dropped on the predict page, with the model or by the
-    dataset, gets the upload's labels; and
-    once the model is deleted, the predict page says so instead of "no model to use yet" (QA)."""
+    dataset, gets the upload's labels; and once the model is deleted, the predict page says so
+    instead of "no model to use yet" (QA)."""
+    from tests.conftest import wait_for_status
     from tests.factories_datasets import class_images, zip_bytes
+    from tests.integration.test_datasets import wait_dataset
 
     stack = make_stack(datasets_dir=tmp_path / "datasets")
     start_worker(stack)
@@ -361,19 +363,13 @@ def test_a_model_of_an_uploaded_dataset_in_the_console(
     images = class_images({"red": 12, "green": 12, "blue": 12}, size=64)
     with httpx.Client(base_url=api.url, timeout=30) as client:
         dataset_id = client.post("/datasets", files={"file": ("colours.zip", zip_bytes(images))}).json()["id"]
-        deadline = time.monotonic() + 120
-        while client.get(f"/datasets/{dataset_id}").json()["status"] == "ingesting":
-            assert time.monotonic() < deadline, "dataset still ingesting after 120 s"
-            time.sleep(0.2)
+        assert wait_dataset(client, dataset_id)["status"] == "ready"
         hyperparameters = {"epochs": 1, "batch_size": 8, "max_train_samples": 16, "weights": "none"}
         body = {"task": "custom_resnet18", "dataset": dataset_id, "hyperparameters": hyperparameters}
         job_id = client.post("/jobs", json=body).json()["id"]
         other = client.post("/jobs", json={"task": "mnist_lenet5"}).json()["id"]  # to be filtered out
         assert client.post(f"/jobs/{other}/cancel").status_code == 202
-        deadline = time.monotonic() + 300
-        while (job := client.get(f"/jobs/{job_id}").json())["status"] not in TERMINAL:
-            assert time.monotonic() < deadline, f"job still {job['status']} after 300 s"
-            time.sleep(0.5)
+        job = wait_for_status(client, job_id, TERMINAL, timeout=300)
         assert job["status"] == "succeeded", job["error"]
         model_id = job["model_id"]
 
