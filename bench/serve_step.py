@@ -23,7 +23,6 @@ backend's largest probability difference from eager PyTorch on the same random b
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 import warnings
@@ -32,7 +31,7 @@ from collections.abc import Callable
 import torch
 import torchvision
 
-from app.serving import OnnxBackend, TorchBackend
+from app.serving import OnnxBackend, TorchBackend, onnx_graph
 from tasks import get_task
 
 BATCHES = (1, 4, 8)
@@ -86,21 +85,10 @@ def openvino_backend(model: torch.nn.Module, preset) -> Callable[[torch.Tensor],
         import openvino
     except ImportError:
         return None
-    buffer = io.BytesIO()
-    example = torch.zeros(1, preset.channels, *preset.input_size)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model.cpu().eval(),
-            (example,),
-            buffer,
-            input_names=["input"],
-            dynamic_axes={"input": {0: "batch"}},
-            dynamo=False,
-        )
     core = openvino.Core()
     config = {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1}
-    request = core.compile_model(core.read_model(buffer.getvalue()), "CPU", config).create_infer_request()
+    compiled = core.compile_model(core.read_model(onnx_graph(model, preset)), "CPU", config)
+    request = compiled.create_infer_request()
 
     def run(pixels: torch.Tensor) -> torch.Tensor:
         batch = preset.normalize(pixels).numpy()
